@@ -1,0 +1,1 @@
+"""Normalizing-flow bijectors for TensorFlow Probability."""
