@@ -1,1 +1,4 @@
 """Normalizing-flow bijectors for TensorFlow Probability."""
+from tfp_flows.bijectors.planar import Planar
+from tfp_flows.bijectors.radial import Radial
+from tfp_flows.bijectors.dual_ascent import DualAscentFlow, DualAscentMap, Rotation

@@ -1,0 +1,28 @@
+"""Static shape checks shared by the vector bijectors."""
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def static_event_size(tensor, name: str) -> int | None:
+    """The static size of the last axis of a vector parameter, or None if unknown."""
+    shape = tf.TensorShape(getattr(tensor, "shape", None))
+    if shape.rank is None:
+        return None
+    if shape.rank == 0:
+        raise ValueError(f"Parameter `{name}` must be a vector of shape [..., D]; given a scalar.")
+    return tf.compat.dimension_value(shape[-1])
+
+
+def check_event_size(x, expected: int | None, name: str, owner: str) -> None:
+    """Raise if `x`'s static last dimension is known and differs from `expected`."""
+    if expected is None:
+        return
+    shape = x.shape
+    if shape.rank == 0:
+        raise ValueError(f"{owner}: `{name}` must have shape [..., {expected}]; given a scalar.")
+    given = tf.compat.dimension_value(shape[-1]) if shape.rank is not None else None
+    if given is not None and given != expected:
+        raise ValueError(
+            f"{owner}: `{name}` must have shape [..., {expected}]; given shape {shape.as_list()}."
+        )

@@ -1,0 +1,191 @@
+"""Planar flow of Rezende & Mohamed (2015), with an exact inverse."""
+from __future__ import annotations
+
+import tensorflow as tf
+from tensorflow_probability.python.bijectors import bijector
+from tensorflow_probability.python.internal import (
+    assert_util,
+    dtype_util,
+    parameter_properties,
+    tensor_util,
+)
+
+from tfp_flows.bijectors._shapes import check_event_size, static_event_size
+
+__all__ = ["Planar"]
+
+
+class Planar(bijector.AutoCompositeTensorBijector):
+    """`x = z + û · tanh(wᵀz + b)`, invertible for every `u`.
+
+    `û = u + (m(wᵀu) − wᵀu) · w / ‖w‖²` with `m(s) = −1 + softplus(s)`, so that
+    `c = wᵀû = m(wᵀu) > −1` and the map is a bijection of ℝᴰ.
+
+    Log-det: `log(1 + (1 − tanh²(wᵀz + b)) · c)`.
+
+    Inverse: with `a = wᵀz` the projection `wᵀx = a + c · tanh(a + b)` is strictly
+    increasing in `a`, and its root lies in `[wᵀx − |c|, wᵀx + |c|]`. A safeguarded
+    Newton iteration (bisection whenever Newton leaves the bracket) with a fixed
+    number of steps finds it; then `z = x − û · tanh(a + b)`. Gradients through
+    the inverse come from the implicit-function theorem (one Newton step on the
+    stopped root), not from backpropagating through the iterations.
+
+    Parameters: `u`, `w` of shape `[..., D]`, `b` of shape `[...]`; leading
+    dimensions are batch dimensions and broadcast with each other.
+    """
+
+    def __init__(
+        self,
+        u,
+        w,
+        b,
+        inverse_iterations: int = 50,
+        validate_args: bool = False,
+        name: str = "planar",
+    ):
+        parameters = dict(locals())
+        with tf.name_scope(name) as name:
+            dtype = dtype_util.common_dtype([u, w, b], dtype_hint=tf.float32)
+            self._u = tensor_util.convert_nonref_to_tensor(u, dtype=dtype, name="u")
+            self._w = tensor_util.convert_nonref_to_tensor(w, dtype=dtype, name="w")
+            self._b = tensor_util.convert_nonref_to_tensor(b, dtype=dtype, name="b")
+            if int(inverse_iterations) < 1:
+                raise ValueError(
+                    f"inverse_iterations must be a positive integer; given {inverse_iterations}."
+                )
+            self._inverse_iterations = int(inverse_iterations)
+            size_u = static_event_size(self._u, "u")
+            size_w = static_event_size(self._w, "w")
+            if size_u is not None and size_w is not None and size_u != size_w:
+                raise ValueError(
+                    "Planar parameters `u` and `w` must have the same event size "
+                    f"(last dimension); given u with {size_u} and w with {size_w}."
+                )
+            self._event_size = size_u if size_u is not None else size_w
+            super().__init__(
+                forward_min_event_ndims=1,
+                validate_args=validate_args,
+                dtype=dtype,
+                parameters=parameters,
+                name=name,
+            )
+
+    @classmethod
+    def _parameter_properties(cls, dtype, num_classes=None):
+        return dict(
+            u=parameter_properties.ParameterProperties(event_ndims=1),
+            w=parameter_properties.ParameterProperties(event_ndims=1),
+            b=parameter_properties.ParameterProperties(event_ndims=0),
+        )
+
+    @property
+    def u(self):
+        return self._u
+
+    @property
+    def w(self):
+        return self._w
+
+    @property
+    def b(self):
+        return self._b
+
+    def u_hat(self) -> tf.Tensor:
+        """The reparametrised `û`, for which `wᵀû > −1`."""
+        u = tf.convert_to_tensor(self._u)
+        w = tf.convert_to_tensor(self._w)
+        return self._u_hat(u, w)
+
+    @staticmethod
+    def _u_hat(u, w):
+        wu = tf.reduce_sum(w * u, axis=-1, keepdims=True)
+        w_norm_sq = tf.reduce_sum(tf.square(w), axis=-1, keepdims=True)
+        # Where w = 0 the map is a translation and needs no correction.
+        w_norm_sq = tf.maximum(w_norm_sq, dtype_util.eps(w.dtype) ** 2)
+        return u + (tf.math.softplus(wu) - 1.0 - wu) * w / w_norm_sq
+
+    def _params(self):
+        u = tf.convert_to_tensor(self._u)
+        w = tf.convert_to_tensor(self._w)
+        b = tf.convert_to_tensor(self._b)
+        u_hat = self._u_hat(u, w)
+        c = tf.reduce_sum(w * u_hat, axis=-1)
+        return u_hat, w, b, c
+
+    def _forward(self, z):
+        check_event_size(z, self._event_size, "z", self.name)
+        u_hat, w, b, _ = self._params()
+        h = tf.tanh(tf.reduce_sum(w * z, axis=-1) + b)
+        return z + u_hat * h[..., tf.newaxis]
+
+    def _forward_log_det_jacobian(self, z):
+        _, w, b, c = self._params()
+        h = tf.tanh(tf.reduce_sum(w * z, axis=-1) + b)
+        return tf.math.log1p((1.0 - tf.square(h)) * c)
+
+    def _inverse(self, x):
+        check_event_size(x, self._event_size, "x", self.name)
+        u_hat, w, b, c = self._params()
+        y = tf.reduce_sum(w * x, axis=-1)
+        c, b = c + tf.zeros_like(y), b + tf.zeros_like(y)
+        root = tf.stop_gradient(self._solve_projection(y, c, b))
+        # One Newton step on the stopped root: same value, implicit-function gradient.
+        h = tf.tanh(root + b)
+        a = root - (root + c * h - y) / (1.0 + c * (1.0 - tf.square(h)))
+        return x - u_hat * tf.tanh(a + b)[..., tf.newaxis]
+
+    def _solve_projection(self, y, c, b):
+        """Root `a` of `a + c·tanh(a + b) = y`: Newton safeguarded by bisection.
+
+        A Newton step is taken when it stays inside the current bracket and at
+        least halves the previous step; otherwise the bracket is bisected. The
+        loop runs a fixed number of times, so it compiles with XLA.
+        """
+        y, c, b = tf.stop_gradient(y), tf.stop_gradient(c), tf.stop_gradient(b)
+        lower, upper = y - tf.abs(c), y + tf.abs(c)
+        a = 0.5 * (lower + upper)
+        previous_step = upper - lower
+
+        def step(a, lower, upper, previous_step):
+            h = tf.tanh(a + b)
+            residual = a + c * h - y
+            lower = tf.where(residual < 0, a, lower)
+            upper = tf.where(residual > 0, a, upper)
+            newton_step = residual / (1.0 + c * (1.0 - tf.square(h)))
+            newton = a - newton_step
+            use_newton = (
+                (newton >= lower) & (newton <= upper)
+                & (2.0 * tf.abs(newton_step) <= tf.abs(previous_step))
+            )
+            bisection = 0.5 * (lower + upper)
+            next_a = tf.where(use_newton, newton, bisection)
+            return next_a, lower, upper, next_a - a
+
+        a, _, _, _ = tf.while_loop(
+            lambda *_: True,
+            step,
+            (a, lower, upper, previous_step),
+            maximum_iterations=self._inverse_iterations,
+        )
+        return a
+
+    def _parameter_control_dependencies(self, is_init):
+        if not self.validate_args:
+            return []
+        assertions = []
+        for name, value in (("u", self._u), ("w", self._w), ("b", self._b)):
+            if is_init != tensor_util.is_ref(value):
+                assertions.append(
+                    assert_util.assert_all_finite(
+                        value, message=f"Planar parameter `{name}` must be finite."
+                    )
+                )
+        if is_init != (tensor_util.is_ref(self._u) or tensor_util.is_ref(self._w)):
+            assertions.append(
+                assert_util.assert_equal(
+                    tf.shape(self._u)[-1],
+                    tf.shape(self._w)[-1],
+                    message="Planar parameters `u` and `w` must have the same event size.",
+                )
+            )
+        return assertions
