@@ -1,0 +1,274 @@
+"""Coupling layers: NICE's additive coupling and rescaling, RealNVP's affine coupling.
+
+A coupling layer splits the last axis of its event into a conditioning part `z_a`
+(the first `num_masked` entries) and a transformed part `z_b` (the rest):
+
+    x_a = z_a,    x_b = f(z_b; conditioner(z_a)).
+
+Its Jacobian is block-triangular, so the log-det only involves the elementwise map `f`.
+With `event_ndims=1` the event is a vector; with `event_ndims=3` it is an image
+`[H, W, C]` split along its channels, and the conditioner sees whole feature maps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+from tensorflow_probability.python.internal import assert_util
+from tensorflow_probability.python.internal import dtype_util
+from tensorflow_probability.python.internal import parameter_properties
+from tensorflow_probability.python.internal import prefer_static as ps
+from tensorflow_probability.python.internal import tensor_util
+
+tfb = tfp.bijectors
+
+__all__ = ["AdditiveCoupling", "AffineCoupling", "NICERescale"]
+
+SCALE_TYPES = ("sigmoid", "exp")
+
+
+class _Coupling(tfb.Bijector):
+    """Shared splitting and conditioner plumbing of the coupling layers."""
+
+    def __init__(
+        self,
+        conditioner: Callable[[tf.Tensor], tf.Tensor],
+        num_masked: int,
+        event_ndims: int,
+        outputs_per_entry: int,
+        parameters: dict,
+        validate_args: bool,
+        name: str,
+    ):
+        if not callable(conditioner):
+            raise TypeError(
+                f"{name}: the conditioner must be callable (a function or Keras model); "
+                f"given {type(conditioner).__name__}."
+            )
+        if int(num_masked) != num_masked or num_masked < 1:
+            raise ValueError(
+                f"{name}: `num_masked` must be a positive integer (the size of the "
+                f"conditioning part); given {num_masked!r}."
+            )
+        if event_ndims not in (1, 3):
+            raise ValueError(
+                f"{name}: `event_ndims` must be 1 (vectors) or 3 (images [H, W, C]); "
+                f"given {event_ndims!r}."
+            )
+        self._conditioner = conditioner
+        self._num_masked = int(num_masked)
+        self._event_ndims = int(event_ndims)
+        self._outputs_per_entry = outputs_per_entry
+        super().__init__(
+            forward_min_event_ndims=event_ndims,
+            is_constant_jacobian=outputs_per_entry == 1,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
+
+    @property
+    def num_masked(self) -> int:
+        return self._num_masked
+
+    @property
+    def conditioner(self) -> Callable[[tf.Tensor], tf.Tensor]:
+        return self._conditioner
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {}
+
+    def _split(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        size = tf.compat.dimension_value(x.shape[-1])
+        if size is None:
+            raise ValueError(f"{self.name}: the last event axis must have a static size.")
+        if self._num_masked >= size:
+            raise ValueError(
+                f"{self.name}: `num_masked` must be smaller than the last event axis "
+                f"(size {size}) so that something is transformed; given "
+                f"num_masked={self._num_masked}."
+            )
+        return x[..., : self._num_masked], x[..., self._num_masked :]
+
+    def _conditioner_outputs(self, conditioning: tf.Tensor, num_transformed: int) -> tf.Tensor:
+        """Run the conditioner on `conditioning` with all batch axes folded into one."""
+        shape = ps.shape(conditioning)
+        batch_shape = shape[: ps.rank(conditioning) - self._event_ndims]
+        event_shape = shape[ps.rank(conditioning) - self._event_ndims :]
+        flat = tf.reshape(conditioning, ps.concat([[-1], event_shape], axis=0))
+        outputs = tf.convert_to_tensor(self._conditioner(flat))
+        expected = self._outputs_per_entry * num_transformed
+        given = tf.compat.dimension_value(outputs.shape[-1])
+        if given != expected or outputs.shape.rank != self._event_ndims + 1:
+            raise ValueError(
+                f"{self.name}: the conditioner must map a batch of shape [N, ..., "
+                f"{self._num_masked}] to one of rank {self._event_ndims + 1} ending in "
+                f"{expected} ({self._outputs_per_entry} x {num_transformed} transformed "
+                f"entries); given output shape {outputs.shape.as_list()}."
+            )
+        if outputs.dtype != conditioning.dtype:
+            raise TypeError(
+                f"{self.name}: the conditioner must return dtype {conditioning.dtype.name} "
+                f"like its input; given {outputs.dtype.name}."
+            )
+        out_event_shape = ps.shape(outputs)[1:]
+        return tf.reshape(outputs, ps.concat([batch_shape, out_event_shape], axis=0))
+
+    def _sum_event(self, values: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_sum(values, axis=list(range(-self._event_ndims, 0)))
+
+
+class AdditiveCoupling(_Coupling):
+    """NICE additive coupling: `x_a = z_a`, `x_b = z_b + m(z_a)`; log-det 0.
+
+    `shift_fn` maps the conditioning part `[N, ..., num_masked]` to the shift
+    `[N, ..., D - num_masked]`. The inverse subtracts the same shift.
+    """
+
+    def __init__(
+        self,
+        shift_fn: Callable[[tf.Tensor], tf.Tensor],
+        num_masked: int,
+        event_ndims: int = 1,
+        validate_args: bool = False,
+        name: str = "additive_coupling",
+    ):
+        parameters = dict(locals())
+        super().__init__(shift_fn, num_masked, event_ndims, 1, parameters, validate_args, name)
+
+    def _shift(self, conditioning: tf.Tensor, num_transformed: int) -> tf.Tensor:
+        return self._conditioner_outputs(conditioning, num_transformed)
+
+    def _forward(self, z):
+        z_a, z_b = self._split(z)
+        return tf.concat([z_a, z_b + self._shift(z_a, z_b.shape[-1])], axis=-1)
+
+    def _inverse(self, x):
+        x_a, x_b = self._split(x)
+        return tf.concat([x_a, x_b - self._shift(x_a, x_b.shape[-1])], axis=-1)
+
+    def _forward_log_det_jacobian(self, z):
+        return tf.zeros([], dtype=z.dtype)
+
+
+class AffineCoupling(_Coupling):
+    """RealNVP affine coupling: `x_a = z_a`, `x_b = z_b * exp(s) + t`; log-det `sum(s)`.
+
+    `shift_and_log_scale_fn` maps the conditioning part `[N, ..., d]` to
+    `[N, ..., 2 (D - d)]`, read as `[t, h]` along the last axis. The log-scale is
+    bounded by default: `scale_type='sigmoid'` uses `exp(s) = 2 sigmoid(h)` in (0, 2)
+    (the identity at h = 0, so a zero-initialised last layer starts as the identity);
+    `scale_type='exp'` uses the unbounded `s = h` of the RealNVP paper.
+    Inverse: `z_b = (x_b - t) * exp(-s)`, log-det `-sum(s)`.
+    """
+
+    def __init__(
+        self,
+        shift_and_log_scale_fn: Callable[[tf.Tensor], tf.Tensor],
+        num_masked: int,
+        event_ndims: int = 1,
+        scale_type: str = "sigmoid",
+        validate_args: bool = False,
+        name: str = "affine_coupling",
+    ):
+        parameters = dict(locals())
+        if scale_type not in SCALE_TYPES:
+            raise ValueError(
+                f"{name}: `scale_type` must be one of {SCALE_TYPES}; given {scale_type!r}."
+            )
+        self._scale_type = scale_type
+        super().__init__(
+            shift_and_log_scale_fn, num_masked, event_ndims, 2, parameters, validate_args, name
+        )
+
+    @property
+    def scale_type(self) -> str:
+        return self._scale_type
+
+    def _shift_and_log_scale(self, conditioning: tf.Tensor, num_transformed: int):
+        outputs = self._conditioner_outputs(conditioning, num_transformed)
+        shift, raw = tf.split(outputs, 2, axis=-1)
+        if self._scale_type == "sigmoid":
+            log_scale = tf.math.log_sigmoid(raw) + tf.constant(math.log(2.0), raw.dtype)
+        else:
+            log_scale = raw
+        return shift, log_scale
+
+    def _forward(self, z):
+        z_a, z_b = self._split(z)
+        shift, log_scale = self._shift_and_log_scale(z_a, z_b.shape[-1])
+        return tf.concat([z_a, z_b * tf.exp(log_scale) + shift], axis=-1)
+
+    def _inverse(self, x):
+        x_a, x_b = self._split(x)
+        shift, log_scale = self._shift_and_log_scale(x_a, x_b.shape[-1])
+        return tf.concat([x_a, (x_b - shift) * tf.exp(-log_scale)], axis=-1)
+
+    def _forward_log_det_jacobian(self, z):
+        z_a, z_b = self._split(z)
+        _, log_scale = self._shift_and_log_scale(z_a, z_b.shape[-1])
+        return self._sum_event(log_scale)
+
+    def _inverse_log_det_jacobian(self, x):
+        x_a, x_b = self._split(x)
+        _, log_scale = self._shift_and_log_scale(x_a, x_b.shape[-1])
+        return -self._sum_event(log_scale)
+
+
+class NICERescale(tfb.Bijector):
+    """NICE's diagonal scaling layer: `x = exp(log_scale) * z`; log-det `sum(log_scale)`.
+
+    Acts on the last axis (event_ndims >= 1); the Jacobian is constant in `z`.
+    """
+
+    def __init__(self, log_scale, validate_args: bool = False, name: str = "nice_rescale"):
+        parameters = dict(locals())
+        with tf.name_scope(name) as name:
+            dtype = dtype_util.common_dtype([log_scale], dtype_hint=tf.float32)
+            self._log_scale = tensor_util.convert_nonref_to_tensor(
+                log_scale, dtype=dtype, name="log_scale"
+            )
+            if self._log_scale.shape.rank == 0:
+                raise ValueError(
+                    f"{name}: `log_scale` must have rank >= 1 (one entry per event "
+                    f"dimension); given shape {self._log_scale.shape.as_list()}."
+                )
+            super().__init__(
+                forward_min_event_ndims=1,
+                is_constant_jacobian=True,
+                validate_args=validate_args,
+                dtype=dtype,
+                parameters=parameters,
+                name=name,
+            )
+
+    @property
+    def log_scale(self):
+        return self._log_scale
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {"log_scale": parameter_properties.ParameterProperties(event_ndims=1)}
+
+    def _forward(self, z):
+        return z * tf.exp(self._log_scale)
+
+    def _inverse(self, x):
+        return x * tf.exp(-self._log_scale)
+
+    def _forward_log_det_jacobian(self, z):
+        return tf.reduce_sum(self._log_scale, axis=-1)
+
+    def _parameter_control_dependencies(self, is_init):
+        if not self.validate_args or is_init == tensor_util.is_ref(self._log_scale):
+            return []
+        return [
+            assert_util.assert_equal(
+                tf.reduce_all(tf.math.is_finite(self._log_scale)),
+                True,
+                message=f"{self.name}: `log_scale` must be finite (expected finite values).",
+            )
+        ]

@@ -1,0 +1,325 @@
+"""Glow's parts (Kingma & Dhariwal 2018), channels-last, XLA-friendly.
+
+- `ActNorm`: per-channel affine with data-dependent initialisation.
+- `Invertible1x1Conv`: LU-parametrised channel mixing with `log|s|` on the diagonal.
+- `Squeeze`: 2x2 space-to-depth.
+- `factor_out`: the multi-scale split, as a bijector over the whole event.
+
+Direction: `forward` maps latent to data (TFP's convention), so the data-to-latent
+pass of the Glow paper is `inverse` here.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+from tensorflow_probability.python.internal import prefer_static as ps
+
+tfb = tfp.bijectors
+
+__all__ = ["ActNorm", "Invertible1x1Conv", "Squeeze", "factor_out"]
+
+
+def _check_channels(name: str, x: tf.Tensor, channels: int) -> None:
+    given = tf.compat.dimension_value(x.shape[-1])
+    if given != channels:
+        raise ValueError(
+            f"{name}: expected {channels} channels on the last axis; given shape "
+            f"{x.shape.as_list()}."
+        )
+
+
+class ActNorm(tfb.Bijector):
+    """Per-channel affine `x = (z + bias) * exp(log_scale)`; log-det `H W sum(log_scale)`.
+
+    Acts on the last axis (one entry per channel; any number of leading event axes).
+    Data-dependent initialisation: the first `inverse` call (data to latent, the
+    direction `log_prob` uses, so the first training batch in `fit`) sets
+    `log_scale = log std(x)` and `bias = mean(x) / std(x)` per channel, so that batch
+    leaves with zero mean and unit variance. The init is branch-free (`tf.where` on a
+    non-trainable flag), so it compiles under `jit_compile=True`. Until then the layer
+    is the identity.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        dtype: tf.DType = tf.float32,
+        epsilon: float = 1e-6,
+        validate_args: bool = False,
+        name: str = "act_norm",
+    ):
+        parameters = dict(locals())
+        if int(channels) != channels or channels < 1:
+            raise ValueError(f"{name}: `channels` must be a positive integer; given {channels!r}.")
+        with tf.name_scope(name) as scope:
+            self._channels = int(channels)
+            self._epsilon = float(epsilon)
+            self._bias = tf.Variable(tf.zeros([channels], dtype), name="bias")
+            self._log_scale = tf.Variable(tf.zeros([channels], dtype), name="log_scale")
+            self._initialized = tf.Variable(
+                tf.zeros([], dtype), trainable=False, name="initialized"
+            )
+            super().__init__(
+                forward_min_event_ndims=1,
+                is_constant_jacobian=True,
+                validate_args=validate_args,
+                dtype=dtype,
+                parameters=parameters,
+                name=scope,
+            )
+
+    @property
+    def bias(self) -> tf.Variable:
+        return self._bias
+
+    @property
+    def log_scale(self) -> tf.Variable:
+        return self._log_scale
+
+    @property
+    def initialized(self) -> tf.Variable:
+        """1 once a batch has initialised the layer, else 0."""
+        return self._initialized
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {}
+
+    def _initialize_from(self, x: tf.Tensor) -> list:
+        """Assign the data-dependent values, or keep the current ones once initialised."""
+        axes = list(range(x.shape.rank - 1))
+        mean, variance = tf.nn.moments(x, axes=axes)
+        init_log_scale = 0.5 * tf.math.log(variance + self._epsilon)
+        init_bias = mean * tf.exp(-init_log_scale)
+        done = self._initialized > 0.5
+        return [
+            self._log_scale.assign(tf.where(done, self._log_scale, init_log_scale)),
+            self._bias.assign(tf.where(done, self._bias, init_bias)),
+            self._initialized.assign(tf.ones([], self._initialized.dtype)),
+        ]
+
+    def _forward(self, z):
+        _check_channels(self.name, z, self._channels)
+        return (z + self._bias) * tf.exp(self._log_scale)
+
+    def _inverse(self, x):
+        _check_channels(self.name, x, self._channels)
+        with tf.control_dependencies(self._initialize_from(x)):
+            return x * tf.exp(-self._log_scale) - self._bias
+
+    def _forward_log_det_jacobian(self, z):
+        return tf.reduce_sum(self._log_scale)
+
+
+class Invertible1x1Conv(tfb.Bijector):
+    """Invertible 1x1 convolution `x = W z` per position, `W = P L (U + diag(sign * exp(log_abs_s)))`.
+
+    `P` is a constant permutation, `L` unit lower-triangular and `U` strictly upper
+    triangular (trainable), `log_abs_s` trainable: `W` is non-singular for any value
+    of the variables. Log-det `H W sum(log_abs_s)` (per position `sum(log_abs_s)`,
+    summed by TFP over the spatial axes). The inverse uses two triangular solves on
+    `C x C` matrices; no determinant or general matrix inverse is computed.
+    Initialised at a random rotation (the LU factors of a QR-orthogonal matrix).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        seed: int | None = None,
+        dtype: tf.DType = tf.float32,
+        validate_args: bool = False,
+        name: str = "invertible_1x1_conv",
+    ):
+        parameters = dict(locals())
+        if int(channels) != channels or channels < 1:
+            raise ValueError(f"{name}: `channels` must be a positive integer; given {channels!r}.")
+        channels = int(channels)
+        rng = np.random.default_rng(seed)
+        rotation, _ = np.linalg.qr(rng.standard_normal((channels, channels)))
+        permutation, lower, upper = _lu_with_partial_pivoting(rotation)
+        diagonal = np.diag(upper)
+        with tf.name_scope(name) as scope:
+            self._channels = channels
+            self._permutation = tf.constant(permutation, dtype)
+            self._lower = tf.Variable(tf.constant(np.tril(lower, -1), dtype), name="lower")
+            self._upper = tf.Variable(tf.constant(np.triu(upper, 1), dtype), name="upper")
+            self._log_abs_diagonal = tf.Variable(
+                tf.constant(np.log(np.abs(diagonal)), dtype), name="log_abs_diagonal"
+            )
+            self._sign_diagonal = tf.constant(np.sign(diagonal), dtype)
+            self._lower_mask = tf.constant(np.tril(np.ones((channels, channels)), -1), dtype)
+            self._upper_mask = tf.constant(np.triu(np.ones((channels, channels)), 1), dtype)
+            super().__init__(
+                forward_min_event_ndims=1,
+                is_constant_jacobian=True,
+                validate_args=validate_args,
+                dtype=dtype,
+                parameters=parameters,
+                name=scope,
+            )
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {}
+
+    @property
+    def log_abs_diagonal(self) -> tf.Variable:
+        return self._log_abs_diagonal
+
+    def _factors(self) -> tuple[tf.Tensor, tf.Tensor]:
+        eye = tf.eye(self._channels, dtype=self.dtype)
+        lower = self._lower * self._lower_mask + eye
+        upper = self._upper * self._upper_mask + tf.linalg.diag(
+            self._sign_diagonal * tf.exp(self._log_abs_diagonal)
+        )
+        return lower, upper
+
+    def weight(self) -> tf.Tensor:
+        """The `C x C` matrix `W` (x = W z per position)."""
+        lower, upper = self._factors()
+        return self._permutation @ lower @ upper
+
+    def inverse_weight(self) -> tf.Tensor:
+        """`W^-1 = U^-1 L^-1 P^T` by two triangular solves."""
+        lower, upper = self._factors()
+        solved = tf.linalg.triangular_solve(lower, tf.transpose(self._permutation), lower=True)
+        return tf.linalg.triangular_solve(upper, solved, lower=False)
+
+    def _forward(self, z):
+        _check_channels(self.name, z, self._channels)
+        return tf.tensordot(z, self.weight(), axes=[[-1], [1]])
+
+    def _inverse(self, x):
+        _check_channels(self.name, x, self._channels)
+        return tf.tensordot(x, self.inverse_weight(), axes=[[-1], [1]])
+
+    def _forward_log_det_jacobian(self, z):
+        return tf.reduce_sum(self._log_abs_diagonal)
+
+
+def _lu_with_partial_pivoting(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return `P, L, U` with `matrix = P @ L @ U` (Doolittle, row pivoting)."""
+    size = matrix.shape[0]
+    upper = matrix.astype(np.float64).copy()
+    lower = np.eye(size)
+    rows = np.arange(size)
+    for k in range(size - 1):
+        pivot = k + int(np.argmax(np.abs(upper[k:, k])))
+        upper[[k, pivot], :] = upper[[pivot, k], :]
+        lower[[k, pivot], :k] = lower[[pivot, k], :k]
+        rows[[k, pivot]] = rows[[pivot, k]]
+        factors = upper[k + 1 :, k] / upper[k, k]
+        lower[k + 1 :, k] = factors
+        upper[k + 1 :, :] -= np.outer(factors, upper[k, :])
+    permutation = np.zeros((size, size))
+    permutation[rows, np.arange(size)] = 1.0
+    return permutation, lower, np.triu(upper)
+
+
+class Squeeze(tfb.Bijector):
+    """2x2 space-to-depth: `[..., H, W, C] -> [..., H/2, W/2, 4C]`; log-det 0.
+
+    Output channel `(2 dy + dx) C + c` holds input pixel `(2i + dy, 2j + dx)`, channel
+    `c`. The inverse is depth-to-space. Height and width must be even (and the inverse
+    needs a channel count divisible by 4).
+    """
+
+    def __init__(self, validate_args: bool = False, name: str = "squeeze"):
+        parameters = dict(locals())
+        with tf.name_scope(name) as scope:
+            super().__init__(
+                forward_min_event_ndims=3,
+                is_constant_jacobian=True,
+                validate_args=validate_args,
+                parameters=parameters,
+                name=scope,
+            )
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {}
+
+    def _squeezed_shape(self, shape: list) -> list:
+        height, width, channels = shape
+        if height is not None and width is not None and (height % 2 or width % 2):
+            raise ValueError(
+                f"{self.name}: height and width must be even; given event shape "
+                f"[{height}, {width}, {channels}]."
+            )
+        return [
+            None if height is None else height // 2,
+            None if width is None else width // 2,
+            None if channels is None else channels * 4,
+        ]
+
+    def _unsqueezed_shape(self, shape: list) -> list:
+        height, width, channels = shape
+        if channels is not None and channels % 4:
+            raise ValueError(
+                f"{self.name}: the inverse needs a channel count divisible by 4; given "
+                f"event shape [{height}, {width}, {channels}]."
+            )
+        return [
+            None if height is None else height * 2,
+            None if width is None else width * 2,
+            None if channels is None else channels // 4,
+        ]
+
+    def _forward_event_shape(self, input_shape):
+        return tf.TensorShape(self._squeezed_shape(input_shape[-3:].as_list()))
+
+    def _inverse_event_shape(self, output_shape):
+        return tf.TensorShape(self._unsqueezed_shape(output_shape[-3:].as_list()))
+
+    def _forward_event_shape_tensor(self, input_shape):
+        return ps.concat([input_shape[:-3] // 2, input_shape[-1:] * 4], axis=0)
+
+    def _inverse_event_shape_tensor(self, output_shape):
+        return ps.concat([output_shape[:-3] * 2, output_shape[-1:] // 4], axis=0)
+
+    def _forward(self, z):
+        event = z.shape[-3:].as_list()
+        self._squeezed_shape(event)
+        return _fold_batch(z, lambda images: tf.nn.space_to_depth(images, 2))
+
+    def _inverse(self, x):
+        event = x.shape[-3:].as_list()
+        self._unsqueezed_shape(event)
+        return _fold_batch(x, lambda images: tf.nn.depth_to_space(images, 2))
+
+    def _forward_log_det_jacobian(self, z):
+        return tf.zeros([], dtype=z.dtype)
+
+
+def _fold_batch(x: tf.Tensor, image_fn) -> tf.Tensor:
+    """Apply a `[N, H, W, C]` op to `x` of shape `[..., H, W, C]`."""
+    shape = ps.shape(x)
+    batch_shape = shape[:-3]
+    images = tf.reshape(x, ps.concat([[-1], shape[-3:]], axis=0))
+    result = image_fn(images)
+    return tf.reshape(result, ps.concat([batch_shape, ps.shape(result)[1:]], axis=0))
+
+
+def factor_out(inner: tfb.Bijector, num_kept: int, channels: int) -> tfb.Chain:
+    """Multi-scale split over a whole `[H, W, channels]` event.
+
+    Forward: `x = concat(inner(z[..., :k]), z[..., k:])` along channels, `k = num_kept`.
+    The last `channels - k` channels are factored out: they pass unchanged to the base
+    distribution, while `inner` (the remaining Glow levels, shape-preserving on
+    `[H, W, k]`) transforms the first `k`. Log-det: `inner`'s log-det on the kept part.
+    Built from TFP's `Split` and `JointMap`, so the kept slice is the same tensor in the
+    inverse and the log-det passes and TFP's bijector cache runs `inner` only once.
+    Expressing the split over the whole event lets a standard-normal base of the
+    image's shape serve every level.
+    """
+    if int(num_kept) != num_kept or not 0 < num_kept < channels:
+        raise ValueError(
+            f"factor_out: `num_kept` must be an integer in [1, channels - 1] = "
+            f"[1, {channels - 1}]; given {num_kept!r}."
+        )
+    split = tfb.Split([int(num_kept), int(channels - num_kept)], axis=-1)
+    return tfb.Chain(
+        [tfb.Invert(split), tfb.JointMap([inner, tfb.Identity()]), split],
+        name="factor_out",
+    )
