@@ -1,0 +1,183 @@
+"""Glow's parts (ActNorm, Invertible1x1Conv, Squeeze, factor_out) and the `glow` builder."""
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+import tf_keras
+
+from tfp_flows import FlowModel
+from tfp_flows.bijectors import ActNorm, Invertible1x1Conv, Squeeze, factor_out
+
+tfb = tfp.bijectors
+tfd = tfp.distributions
+
+
+def fresh(x):
+    """A new tensor with the same values, so TFP's bijector cache cannot answer."""
+    return tf.constant(np.asarray(x))
+
+
+def autodiff_log_det(bijector, z):
+    """`log|det ∂forward/∂z|` per batch member from the autodiff Jacobian (images flattened)."""
+    n = z.shape[0]
+    event_shape = list(z.shape[1:])
+    flat = tf.reshape(z, [n, -1])
+    with tf.GradientTape() as tape:
+        tape.watch(flat)
+        x = tf.reshape(bijector.forward(tf.reshape(flat, [n] + event_shape)), [n, -1])
+    jacobian = tape.batch_jacobian(x, flat)
+    sign, log_abs = tf.linalg.slogdet(jacobian)
+    assert np.all(sign.numpy() != 0)
+    return log_abs.numpy()
+
+
+def initialised_act_norm(channels, dtype):
+    act_norm = ActNorm(channels, dtype=dtype)
+    rng = np.random.default_rng(5)
+    act_norm.inverse(tf.constant(rng.normal(2.0, 3.0, size=[8, 4, 4, channels]), dtype))
+    return act_norm
+
+
+def make_bijectors(dtype):
+    inner = tfb.Chain([Invertible1x1Conv(2, seed=3, dtype=dtype), initialised_act_norm(2, dtype)])
+    return {
+        "act_norm": initialised_act_norm(4, dtype),
+        "conv1x1": Invertible1x1Conv(4, seed=1, dtype=dtype),
+        "squeeze": Squeeze(),
+        "unsqueeze": tfb.Invert(Squeeze()),
+        "factor_out": factor_out(inner, num_kept=2, channels=4),
+    }
+
+
+SHAPES = {"unsqueeze": [2, 2, 16]}
+CASES = ["act_norm", "conv1x1", "squeeze", "unsqueeze", "factor_out"]
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+@pytest.mark.parametrize("case", CASES)
+def test_round_trip_and_log_det(case, dtype):
+    bijector = make_bijectors(dtype)[case]
+    shape = [5] + SHAPES.get(case, [4, 4, 4])
+    tol = 1e-4 if dtype == tf.float32 else 1e-10
+    z = tf.constant(np.random.default_rng(1).normal(size=shape), dtype)
+    x = bijector.forward(z)
+    assert x.dtype == dtype
+    np.testing.assert_allclose(bijector.inverse(fresh(x)).numpy(), z.numpy(), atol=tol)
+    fldj = np.broadcast_to(bijector.forward_log_det_jacobian(z, event_ndims=3).numpy(), [5])
+    np.testing.assert_allclose(fldj, autodiff_log_det(bijector, z), atol=20 * tol)
+    ildj = bijector.inverse_log_det_jacobian(fresh(x), event_ndims=3).numpy()
+    np.testing.assert_allclose(np.broadcast_to(ildj, [5]), -fldj, atol=20 * tol)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compiles_with_xla(case):
+    bijector = make_bijectors(tf.float32)[case]
+    shape = [3] + SHAPES.get(case, [4, 4, 4])
+    z = tf.constant(np.random.default_rng(2).normal(size=shape), tf.float32)
+
+    def run(z):
+        x = bijector.forward(z)
+        return x, bijector.inverse(tf.identity(x))
+
+    compiled = tf.function(run, jit_compile=True)(z)
+    for got, want in zip(compiled, run(z)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_act_norm_initialisation_normalises_the_first_batch_only():
+    act_norm = ActNorm(3)
+    rng = np.random.default_rng(0)
+    first = tf.constant(rng.normal([1.0, -4.0, 10.0], [0.5, 2.0, 7.0], size=[16, 5, 5, 3]), tf.float32)
+    z = act_norm.inverse(first).numpy()
+    np.testing.assert_allclose(z.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=(0, 1, 2)), 1.0, rtol=1e-4)
+    assert act_norm.initialized.numpy() == 1.0
+    saved = act_norm.log_scale.numpy().copy(), act_norm.bias.numpy().copy()
+    act_norm.inverse(first * 100.0 + 3.0)  # a later batch must not re-initialise
+    np.testing.assert_array_equal(act_norm.log_scale.numpy(), saved[0])
+    np.testing.assert_array_equal(act_norm.bias.numpy(), saved[1])
+
+
+def test_act_norm_forward_does_not_initialise():
+    act_norm = ActNorm(2)
+    z = tf.random.normal([4, 2], seed=1)
+    np.testing.assert_allclose(act_norm.forward(z).numpy(), z.numpy())
+    assert act_norm.initialized.numpy() == 0.0
+
+
+def test_act_norm_initialises_inside_xla():
+    act_norm = ActNorm(2)
+    x = tf.constant(np.random.default_rng(1).normal(5.0, 3.0, size=[64, 2]), tf.float32)
+    z = tf.function(lambda x: act_norm.inverse(x), jit_compile=True)(x).numpy()
+    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=0), 1.0, rtol=1e-4)
+
+
+def test_act_norm_initialises_on_the_first_fit_batch():
+    """With a zero learning rate, the variables after one fit step are the init values."""
+    act_norm = ActNorm(3)
+    rng = np.random.default_rng(2)
+    x = rng.normal([0.0, 3.0, -2.0], [1.0, 0.1, 5.0], size=[32, 2, 2, 3]).astype(np.float32)
+    model = FlowModel(tfb.Chain([act_norm]), event_shape=[2, 2, 3])
+    model.compile(tf_keras.optimizers.SGD(learning_rate=0.0), jit_compile=True)
+    model.fit(x, epochs=1, batch_size=32, verbose=0)
+    std = x.reshape(-1, 3).std(axis=0)
+    np.testing.assert_allclose(np.exp(act_norm.log_scale.numpy()), std, rtol=1e-4)
+    np.testing.assert_allclose(act_norm.bias.numpy(), x.reshape(-1, 3).mean(axis=0) / std, rtol=1e-4)
+    # log_prob of the first batch is that of normalised data under N(0, I).
+    z = (x - x.reshape(-1, 3).mean(axis=0)) / std
+    expected = tfd.Normal(0.0, 1.0).log_prob(z).numpy().sum(axis=(1, 2, 3)) - 4 * np.log(std).sum()
+    np.testing.assert_allclose(model.log_prob(x).numpy(), expected, rtol=1e-4)
+
+
+def test_conv1x1_starts_orthogonal_and_stays_invertible_under_large_steps():
+    conv = Invertible1x1Conv(4, seed=0)
+    weight = conv.weight().numpy()
+    np.testing.assert_allclose(weight @ weight.T, np.eye(4), atol=1e-5)
+    # Fit a nearly singular linear map with a huge learning rate.
+    rng = np.random.default_rng(0)
+    mixing = np.diag([30.0, 1.0, 0.05, 1e-3]) @ np.linalg.qr(rng.normal(size=(4, 4)))[0]
+    data = tf.constant(rng.normal(size=(256, 4)) @ mixing.T, tf.float32)
+    flow = tfd.TransformedDistribution(tfd.Sample(tfd.Normal(0.0, 1.0), [4]), conv)
+    optimizer = tf_keras.optimizers.Adam(learning_rate=0.5)
+
+    @tf.function(jit_compile=True)
+    def step():
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_mean(flow.log_prob(data))
+        optimizer.apply_gradients(zip(tape.gradient(loss, conv.trainable_variables), conv.trainable_variables))
+        return loss
+
+    losses = [float(step()) for _ in range(300)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    weight = conv.weight().numpy().astype(np.float64)
+    sign, log_abs = np.linalg.slogdet(weight)
+    assert sign != 0
+    np.testing.assert_allclose(log_abs, conv.log_abs_diagonal.numpy().sum(), rtol=1e-4, atol=1e-3)
+    z = tf.random.normal([8, 4], seed=3)
+    np.testing.assert_allclose(conv.inverse(fresh(conv.forward(z))).numpy(), z.numpy(), atol=1e-3)
+
+
+def test_squeeze_moves_each_2x2_block_into_channels():
+    image = np.arange(4 * 6 * 2, dtype=np.float32).reshape(1, 4, 6, 2)
+    squeezed = Squeeze().forward(image).numpy()
+    assert squeezed.shape == (1, 2, 3, 8)
+    for i, j, dy, dx, c in np.ndindex(2, 3, 2, 2, 2):
+        assert squeezed[0, i, j, (2 * dy + dx) * 2 + c] == image[0, 2 * i + dy, 2 * j + dx, c]
+    assert Squeeze().forward_event_shape([4, 6, 2]) == [2, 3, 8]
+    assert Squeeze().inverse_event_shape([2, 3, 8]) == [4, 6, 2]
+
+
+def test_parts_reject_bad_shapes_with_expected_and_given():
+    with pytest.raises(ValueError, match=r"even; given event shape \[5, 4, 1\]"):
+        Squeeze().forward(tf.zeros([2, 5, 4, 1]))
+    with pytest.raises(ValueError, match=r"divisible by 4; given event shape \[2, 2, 6\]"):
+        Squeeze().inverse(tf.zeros([1, 2, 2, 6]))
+    with pytest.raises(ValueError, match=r"expected 4 channels.*given shape \[1, 2, 2, 3\]"):
+        Invertible1x1Conv(4).forward(tf.zeros([1, 2, 2, 3]))
+    with pytest.raises(ValueError, match=r"expected 3 channels.*given shape \[1, 2\]"):
+        ActNorm(3).inverse(tf.zeros([1, 2]))
+    with pytest.raises(ValueError, match=r"num_kept.*\[1, 3\]; given 4"):
+        factor_out(tfb.Identity(), num_kept=4, channels=4)
+    with pytest.raises(ValueError, match=r"channels.*positive integer; given 0"):
+        ActNorm(0)
