@@ -92,24 +92,25 @@ class Planar(bijector.AutoCompositeTensorBijector):
 
     def u_hat(self) -> tf.Tensor:
         """The reparametrised `û`, for which `wᵀû > −1`."""
-        u = tf.convert_to_tensor(self._u)
-        w = tf.convert_to_tensor(self._w)
-        return self._u_hat(u, w)
-
-    @staticmethod
-    def _u_hat(u, w):
-        wu = tf.reduce_sum(w * u, axis=-1, keepdims=True)
-        w_norm_sq = tf.reduce_sum(tf.square(w), axis=-1, keepdims=True)
-        # Where w = 0 the map is a translation and needs no correction.
-        w_norm_sq = tf.maximum(w_norm_sq, dtype_util.eps(w.dtype) ** 2)
-        return u + (tf.math.softplus(wu) - 1.0 - wu) * w / w_norm_sq
+        return self._params()[0]
 
     def _params(self):
+        """`(û, w, b, c)` with `c = wᵀû = m(wᵀu)` taken from its formula.
+
+        Computing `c` as `wᵀû` would cancel catastrophically when `wᵀu ≪ 0`.
+        softplus is floored at machine epsilon (it underflows to 0 for
+        `wᵀu ≲ −745` in float64, `−104` in float32) so that `c > −1` also holds
+        in floating point.
+        """
         u = tf.convert_to_tensor(self._u)
         w = tf.convert_to_tensor(self._w)
         b = tf.convert_to_tensor(self._b)
-        u_hat = self._u_hat(u, w)
-        c = tf.reduce_sum(w * u_hat, axis=-1)
+        wu = tf.reduce_sum(w * u, axis=-1)
+        c = tf.maximum(tf.math.softplus(wu), dtype_util.eps(w.dtype)) - 1.0
+        w_norm_sq = tf.reduce_sum(tf.square(w), axis=-1)
+        # Where w = 0 the map is a translation and needs no correction.
+        w_norm_sq = tf.maximum(w_norm_sq, dtype_util.eps(w.dtype) ** 2)
+        u_hat = u + ((c - wu) / w_norm_sq)[..., tf.newaxis] * w
         return u_hat, w, b, c
 
     def _forward(self, z):
@@ -176,8 +177,8 @@ class Planar(bijector.AutoCompositeTensorBijector):
         for name, value in (("u", self._u), ("w", self._w), ("b", self._b)):
             if is_init != tensor_util.is_ref(value):
                 assertions.append(
-                    assert_util.assert_all_finite(
-                        value, message=f"Planar parameter `{name}` must be finite."
+                    tf.debugging.assert_all_finite(
+                        tf.convert_to_tensor(value), message=f"Planar parameter `{name}` must be finite."
                     )
                 )
         if is_init != (tensor_util.is_ref(self._u) or tensor_util.is_ref(self._w)):
