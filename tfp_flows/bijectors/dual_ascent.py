@@ -32,7 +32,6 @@ tfb = tfp.bijectors
 
 __all__ = [
     "DualAscentMap", "Rotation", "DualAscentFlow", "map_forward", "map_inverse",
-    "random_rotation",
 ]
 
 # `DualAscentFlow` projects its parameters onto this set before use, so that a
@@ -360,33 +359,9 @@ class DualAscentFlow(tfb.AutoCompositeTensorBijector):
                 tf.convert_to_tensor(self._center), tf.convert_to_tensor(self._eps))
 
     def _run(self, x, inverse: bool):
-        """Run all steps forward (or backward) and return the point and its log-det."""
-        rotations = tf.convert_to_tensor(self._rotations)
         sigma, shift, gamma, center, eps = self._projected_params()
-        slope = 1.0 - sigma
-        num_steps = self._num_steps
-        log_det = tf.zeros(tf.shape(x)[:-1], dtype=x.dtype)
-
-        def forward_step(t, point, total):
-            point = tf.linalg.matvec(rotations[t], point)
-            point, log_derivative = map_forward(
-                point, slope[t], shift[t], gamma[t], center[t], eps[t])
-            return t + 1, point, total + tf.reduce_sum(log_derivative, axis=-1)
-
-        def inverse_step(t, point, total):
-            s = num_steps - 1 - t
-            point, log_derivative = map_inverse(
-                point, slope[s], shift[s], gamma[s], center[s], eps[s])
-            point = tf.linalg.matvec(rotations[s], point, transpose_a=True)
-            return t + 1, point, total - tf.reduce_sum(log_derivative, axis=-1)
-
-        _, x, log_det = tf.while_loop(
-            lambda t, *_: t < num_steps,
-            inverse_step if inverse else forward_step,
-            (tf.constant(0), x, log_det),
-            maximum_iterations=num_steps,
-        )
-        return x, log_det
+        return _run_steps(x, tf.convert_to_tensor(self._rotations), 1.0 - sigma, shift, gamma,
+                          center, eps, inverse=inverse)
 
     def _forward(self, x):
         return self._run(x, inverse=False)[0]
@@ -411,10 +386,33 @@ class DualAscentFlow(tfb.AutoCompositeTensorBijector):
             tf.convert_to_tensor(self._eps), "DualAscentFlow")
 
 
-def random_rotation(dim: int, seed, dtype=tf.float32) -> tf.Tensor:
-    """A Haar-random orthogonal `[dim, dim]` matrix: QR of a Gaussian matrix, columns
-    times sign(diag R). `seed` is a stateless seed (shape [2] int tensor)."""
-    gaussian = tf.random.stateless_normal([dim, dim], seed=seed, dtype=dtype)
-    q, r = tf.linalg.qr(gaussian)
-    return q * tf.sign(tf.linalg.diag_part(r))[tf.newaxis, :]
+@tf.function(reduce_retracing=True, autograph=False)
+def _run_steps(x, rotations, slope, shift, gamma, center, eps, inverse: bool):
+    """All steps `x ← φ_t(U_t·x)` (or their inverses, last step first) in one while loop.
 
+    Returns the point and the summed log-derivatives (negated for the inverse).
+    A `tf.function` so that eager calls do not dispatch every op of every step.
+    """
+    num_steps = tf.shape(rotations)[0]
+    log_det = tf.zeros(tf.shape(x)[:-1], dtype=x.dtype)
+
+    def forward_step(t, point, total):
+        point = tf.linalg.matvec(rotations[t], point)
+        point, log_derivative = map_forward(
+            point, slope[t], shift[t], gamma[t], center[t], eps[t])
+        return t + 1, point, total + tf.reduce_sum(log_derivative, axis=-1)
+
+    def inverse_step(t, point, total):
+        s = num_steps - 1 - t
+        point, log_derivative = map_inverse(
+            point, slope[s], shift[s], gamma[s], center[s], eps[s])
+        point = tf.linalg.matvec(rotations[s], point, transpose_a=True)
+        return t + 1, point, total - tf.reduce_sum(log_derivative, axis=-1)
+
+    _, x, log_det = tf.while_loop(
+        lambda t, *_: t < num_steps,
+        inverse_step if inverse else forward_step,
+        (tf.constant(0), x, log_det),
+        maximum_iterations=num_steps,
+    )
+    return x, log_det
