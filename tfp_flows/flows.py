@@ -14,6 +14,15 @@ import tensorflow_probability as tfp
 import tf_keras
 
 from tfp_flows.bijectors import Planar, Radial
+from tfp_flows.bijectors import (
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    Invertible1x1Conv,
+    NICERescale,
+    Squeeze,
+    factor_out,
+)
 
 tfb = tfp.bijectors
 
@@ -163,3 +172,174 @@ def iaf(
     """
     layers = _autoregressive_layers(event_size, num_layers, hidden_units, activation, dtype, True)
     return tfb.Chain(layers, name="iaf")
+
+
+# --- NICE, RealNVP and Glow builders --------------------------------------------------
+
+
+def _dense_conditioner(
+    num_inputs: int, num_outputs: int, hidden_units: Sequence[int], dtype, name: str
+) -> tf_keras.Sequential:
+    """MLP `[N, num_inputs] -> [N, num_outputs]`, ReLU hidden layers, zero last layer."""
+    layers = [tf_keras.Input(shape=(num_inputs,), dtype=dtype)]
+    layers += [tf_keras.layers.Dense(int(h), activation="relu", dtype=dtype) for h in hidden_units]
+    layers.append(tf_keras.layers.Dense(num_outputs, kernel_initializer="zeros", dtype=dtype))
+    return tf_keras.Sequential(layers, name=name)
+
+
+def _conv_conditioner(
+    input_shape: Sequence[int], num_outputs: int, hidden_channels: int, dtype, name: str
+) -> tf_keras.Sequential:
+    """Glow's coupling network: 3x3 conv, 1x1 conv (ReLU), zero-initialised 3x3 conv."""
+    return tf_keras.Sequential(
+        [
+            tf_keras.Input(shape=tuple(input_shape), dtype=dtype),
+            tf_keras.layers.Conv2D(hidden_channels, 3, padding="same", activation="relu", dtype=dtype),
+            tf_keras.layers.Conv2D(hidden_channels, 1, activation="relu", dtype=dtype),
+            tf_keras.layers.Conv2D(
+                num_outputs, 3, padding="same", kernel_initializer="zeros", dtype=dtype
+            ),
+        ],
+        name=name,
+    )
+
+
+def _half_swapping_permutation(event_size: int, rng: np.random.Generator) -> tfb.Permute:
+    """A fixed permutation whose inverse moves the transformed half to the front, shuffled.
+
+    Between two couplings that both condition on the first `event_size // 2` entries,
+    the entries just transformed become the next conditioning ones (as NICE's
+    alternation), and the shuffle mixes entries within each half.
+    """
+    num_masked = event_size // 2
+    order = np.concatenate(
+        [rng.permutation(np.arange(num_masked, event_size)), rng.permutation(num_masked)]
+    )
+    return tfb.Permute(permutation=np.argsort(order).astype(np.int32))
+
+
+def _coupling_stack(
+    event_size: int,
+    num_couplings: int,
+    hidden_units: Sequence[int],
+    make_coupling,
+    outputs_per_entry: int,
+    seed: int | None,
+    dtype,
+) -> list:
+    _check_positive(num_couplings=num_couplings)
+    if int(event_size) != event_size or event_size < 2:
+        raise ValueError(f"`event_size` must be an integer >= 2 to split; given {event_size!r}.")
+    if any(int(h) < 1 for h in hidden_units):
+        raise ValueError(f"`hidden_units` must be positive integers; given {hidden_units!r}.")
+    rng = np.random.default_rng(seed)
+    num_masked = event_size // 2
+    layers = []
+    for k in range(num_couplings):
+        network = _dense_conditioner(
+            num_masked, outputs_per_entry * (event_size - num_masked), hidden_units, dtype,
+            name=f"coupling_net_{k}",
+        )
+        layers.append(make_coupling(network, num_masked, k))
+        if k + 1 < num_couplings:
+            layers.append(_half_swapping_permutation(event_size, rng))
+    return layers
+
+
+def nice(
+    event_size: int,
+    num_couplings: int = 4,
+    hidden_units: Sequence[int] = (64, 64),
+    seed: int | None = None,
+    dtype=tf.float32,
+) -> tfb.Chain:
+    """NICE: additive couplings `x_b = z_b + m(z_a)` (log-det 0), then a diagonal rescale.
+
+    Log-det of the whole flow: `sum(log_scale)` of the `NICERescale` layer. Fixed
+    permutations between couplings swap which half is transformed. Each coupling's
+    MLP has a zero last layer and the rescale starts at 0, so the flow starts as the
+    identity.
+    """
+    layers = _coupling_stack(
+        event_size, num_couplings, hidden_units,
+        lambda net, d, k: AdditiveCoupling(net, d, name=f"additive_coupling_{k}"),
+        1, seed, dtype,
+    )
+    log_scale = tf.Variable(tf.zeros([event_size], dtype), name="nice_log_scale")
+    layers.append(NICERescale(log_scale))
+    return tfb.Chain(layers, name="nice")
+
+
+def realnvp(
+    event_size: int,
+    num_couplings: int = 4,
+    hidden_units: Sequence[int] = (64, 64),
+    seed: int | None = None,
+    dtype=tf.float32,
+) -> tfb.Chain:
+    """RealNVP: affine couplings `x_b = z_b * 2 sigmoid(h) + t` (log-det `sum log(2 sigmoid(h))`).
+
+    The bounded scale keeps every layer's log-det below `log 2` per entry, so training
+    cannot overflow; zero last layers start every coupling at the identity.
+    """
+    layers = _coupling_stack(
+        event_size, num_couplings, hidden_units,
+        lambda net, d, k: AffineCoupling(net, d, name=f"affine_coupling_{k}"),
+        2, seed, dtype,
+    )
+    return tfb.Chain(layers, name="realnvp")
+
+
+def glow(
+    image_shape: Sequence[int],
+    levels: int = 2,
+    steps_per_level: int = 4,
+    hidden_channels: int = 64,
+    seed: int | None = None,
+    dtype=tf.float32,
+) -> tfb.Chain:
+    """Multi-scale Glow on `[H, W, C]` images, shape-preserving (latent shape = image shape).
+
+    Per level (data to latent): squeeze `[h, w, c] -> [h/2, w/2, 4c]`, then
+    `steps_per_level` x (ActNorm, invertible 1x1 conv, affine coupling on channel
+    halves), then half the channels are factored out to the base distribution and the
+    next level works on the rest; the latent is un-squeezed back to `[h, w, c]`.
+    Log-det: sum over steps of `h w (sum log_scale + sum log|s|) + sum(coupling log-scales)`.
+    Every coupling network ends in a zero-initialised conv, ActNorm starts as the
+    identity (initialised by the first data batch) and the 1x1 convs start at rotations.
+    """
+    height, width, channels = (int(d) for d in image_shape)
+    _check_positive(levels=levels, steps_per_level=steps_per_level, hidden_channels=hidden_channels)
+    factor = 2**levels
+    if height % factor or width % factor or channels < 1:
+        raise ValueError(
+            f"glow: image height and width must be divisible by 2**levels = {factor} "
+            f"(each level squeezes by 2); given image_shape {list(image_shape)}, levels={levels}."
+        )
+    seeds = iter(np.random.default_rng(seed).integers(0, 2**31 - 1, size=levels * steps_per_level))
+
+    def level(index: int, shape: tuple[int, int, int]) -> tfb.Chain:
+        h, w, c = shape
+        squeezed = (h // 2, w // 2, 4 * c)
+        steps = []
+        for k in range(steps_per_level):
+            tag = f"{index}_{k}"
+            network = _conv_conditioner(
+                (h // 2, w // 2, 2 * c), 4 * c, hidden_channels, dtype, name=f"glow_net_{tag}"
+            )
+            steps += [
+                ActNorm(4 * c, dtype=dtype, name=f"act_norm_{tag}"),
+                Invertible1x1Conv(4 * c, seed=int(next(seeds)), dtype=dtype, name=f"conv1x1_{tag}"),
+                AffineCoupling(network, 2 * c, event_ndims=3, name=f"affine_coupling_{tag}"),
+            ]
+        parts = [tfb.Invert(Squeeze()), *steps]
+        if index + 1 < levels:
+            inner = level(index + 1, (squeezed[0], squeezed[1], 2 * c))
+            parts.append(factor_out(inner, num_kept=2 * c, channels=4 * c))
+        parts.append(Squeeze())
+        return tfb.Chain(parts, name="glow" if index == 0 else f"glow_level_{index}")
+
+    return level(0, (height, width, channels))
+
+
+__all__ += ["nice", "realnvp", "glow"]

@@ -17,6 +17,7 @@ from typing import Callable
 import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import assert_util
+from tensorflow_probability.python.internal import cache_util
 from tensorflow_probability.python.internal import dtype_util
 from tensorflow_probability.python.internal import parameter_properties
 from tensorflow_probability.python.internal import prefer_static as ps
@@ -197,25 +198,42 @@ class AffineCoupling(_Coupling):
             log_scale = raw
         return shift, log_scale
 
-    def _forward(self, z):
+    # The conditioner runs once per direction: TFP's greedy-attribute cache stores the
+    # log-det computed with the transform, so `log_prob` (inverse, then its log-det on
+    # the same tensor) does not trace the network twice.
+    _cache = cache_util.BijectorCacheWithGreedyAttrs(
+        forward_name="_augmented_forward", inverse_name="_augmented_inverse"
+    )
+
+    def _augmented_forward(self, z):
         z_a, z_b = self._split(z)
         shift, log_scale = self._shift_and_log_scale(z_a, z_b.shape[-1])
-        return tf.concat([z_a, z_b * tf.exp(log_scale) + shift], axis=-1)
+        x = tf.concat([z_a, z_b * tf.exp(log_scale) + shift], axis=-1)
+        return x, {"ildj": -self._sum_event(log_scale)}
 
-    def _inverse(self, x):
+    def _augmented_inverse(self, x):
         x_a, x_b = self._split(x)
         shift, log_scale = self._shift_and_log_scale(x_a, x_b.shape[-1])
-        return tf.concat([x_a, (x_b - shift) * tf.exp(-log_scale)], axis=-1)
+        z = tf.concat([x_a, (x_b - shift) * tf.exp(-log_scale)], axis=-1)
+        return z, {"ildj": -self._sum_event(log_scale)}
+
+    def _forward(self, z):
+        return self._augmented_forward(z)[0]
+
+    def _inverse(self, x):
+        return self._augmented_inverse(x)[0]
 
     def _forward_log_det_jacobian(self, z):
-        z_a, z_b = self._split(z)
-        _, log_scale = self._shift_and_log_scale(z_a, z_b.shape[-1])
-        return self._sum_event(log_scale)
+        attributes = self._cache.forward_attributes(z)
+        if "ildj" not in attributes:
+            attributes.update(self._augmented_forward(z)[1])
+        return -attributes["ildj"]
 
     def _inverse_log_det_jacobian(self, x):
-        x_a, x_b = self._split(x)
-        _, log_scale = self._shift_and_log_scale(x_a, x_b.shape[-1])
-        return -self._sum_event(log_scale)
+        attributes = self._cache.inverse_attributes(x)
+        if "ildj" not in attributes:
+            attributes.update(self._augmented_inverse(x)[1])
+        return attributes["ildj"]
 
 
 class NICERescale(tfb.Bijector):
