@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tfp-flows",
         description="Fit normalizing flows (TensorFlow Probability bijectors) to data.",
         epilog="With no command, runs `fit` with its defaults (planar flow on 8gaussians, "
-        f"a few epochs, into {DEFAULT_OUT}).",
+        f"15 epochs, into {DEFAULT_OUT}); the flags of `fit` may also be given without the word `fit`.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     fit = commands.add_parser(
@@ -53,20 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
                      "of a .npy file holding a float array [N, D]")
     fit.add_argument("--flow", default="planar", help="the flow: " + ", ".join(FLOW_BUILDERS)
                      + " (nice and realnvp only where tfp_flows.flows provides them)")
-    fit.add_argument("--layers", type=int, default=16, help="number of flow layers")
+    fit.add_argument("--layers", type=int, default=8, help="number of flow layers")
     fit.add_argument("--hidden", default="64,64",
                      help="hidden units of the networks of maf, iaf, nice and realnvp, comma separated")
-    fit.add_argument("--epochs", type=int, default=8, help="maximum number of epochs")
-    fit.add_argument("--batch-size", type=int, default=256, help="minibatch size")
-    fit.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    fit.add_argument("--epochs", type=int, default=15, help="maximum number of epochs")
+    fit.add_argument("--batch-size", type=int, default=128, help="minibatch size")
+    fit.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
     fit.add_argument("--patience", type=int, default=None,
                      help="stop after this many epochs without a better validation NLL and restore "
                      "the best weights (default: no early stopping)")
     fit.add_argument("--validation-split", type=float, default=0.1,
                      help="fraction of the training points held out for validation (best checkpoint, early stopping)")
-    fit.add_argument("--n", type=int, default=10_000,
+    fit.add_argument("--n", type=int, default=5_000,
                      help="number of training points drawn from a toy data set")
-    fit.add_argument("--n-test", type=int, default=5_000,
+    fit.add_argument("--n-test", type=int, default=2_000,
                      help="number of test points drawn from a toy data set (with a different seed)")
     fit.add_argument("--test-fraction", type=float, default=0.2,
                      help="fraction of a .npy file's rows kept for testing")
@@ -82,10 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(parser: argparse.ArgumentParser, message: str):
-    parser.error(message)  # prints usage and the message, exits with status 2
-
-
 def _load_data(args, parser) -> tuple[np.ndarray, np.ndarray]:
     """Return float32 train and test arrays [N, D]."""
     from tfp_flows.checks import check_samples
@@ -96,18 +92,21 @@ def _load_data(args, parser) -> tuple[np.ndarray, np.ndarray]:
         test = datasets.toy(args.data, args.n_test, seed=2 * args.seed + 1)
         return train, test
     if not args.data.endswith(".npy"):
-        _fail(parser, f"--data must be one of {', '.join(datasets.TOY_NAMES)} or a .npy file; given {args.data!r}.")
+        parser.error(f"--data must be one of {', '.join(datasets.TOY_NAMES)} or a .npy file; given {args.data!r}.")
     if not os.path.isfile(args.data):
-        _fail(parser, f"--data file {args.data!r} does not exist.")
-    array = np.load(args.data, allow_pickle=False)
+        parser.error(f"--data file {args.data!r} does not exist.")
+    try:
+        array = np.load(args.data, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        parser.error(f"--data file {args.data!r} is not a readable .npy array of numbers: {error}")
     if array.ndim != 2:
-        _fail(parser, f"--data file must hold an array [N, D]; given shape {list(array.shape)}.")
+        parser.error(f"--data file must hold an array [N, D]; given shape {list(array.shape)}.")
     try:
         array = check_samples(array, (array.shape[1],), name=f"--data {args.data}").astype(np.float32)
     except (ValueError, TypeError) as error:
-        _fail(parser, str(error))
+        parser.error(str(error))
     if len(array) < 10:
-        _fail(parser, f"--data file needs at least 10 rows; given {len(array)}.")
+        parser.error(f"--data file needs at least 10 rows; given {len(array)}.")
     order = np.random.default_rng(args.seed).permutation(len(array))
     num_test = max(1, int(round(args.test_fraction * len(array))))
     return array[order[num_test:]], array[order[:num_test]]
@@ -123,11 +122,11 @@ def _build_bijector(args, event_size: int, parser):
             break
     if builder is None:
         available = [name for name, attrs in FLOW_BUILDERS.items() if any(hasattr(flows, a) for a in attrs)]
-        _fail(parser, f"--flow must be one of {', '.join(available)}; given {args.flow!r}.")
+        parser.error(f"--flow must be one of {', '.join(available)}; given {args.flow!r}.")
     try:
         hidden_units = [int(h) for h in args.hidden.split(",") if h.strip()]
     except ValueError:
-        _fail(parser, f"--hidden must be comma-separated integers such as 64,64; given {args.hidden!r}.")
+        parser.error(f"--hidden must be comma-separated integers such as 64,64; given {args.hidden!r}.")
     offered = {"event_size": event_size, "num_layers": args.layers, "hidden_units": hidden_units, "seed": args.seed}
     accepted = inspect.signature(builder).parameters
     return builder(**{key: value for key, value in offered.items() if key in accepted})
@@ -138,15 +137,15 @@ def _check_arguments(args, parser) -> None:
                 "--n": args.n, "--n-test": args.n_test, "--plot-samples": args.plot_samples}
     for flag, value in positive.items():
         if value < 1:
-            _fail(parser, f"{flag} must be >= 1; given {value}.")
+            parser.error(f"{flag} must be >= 1; given {value}.")
     if not (args.lr > 0 and math.isfinite(args.lr)):
-        _fail(parser, f"--lr must be a positive number; given {args.lr}.")
+        parser.error(f"--lr must be a positive number; given {args.lr}.")
     if args.patience is not None and args.patience < 1:
-        _fail(parser, f"--patience must be >= 1; given {args.patience}.")
+        parser.error(f"--patience must be >= 1; given {args.patience}.")
     if not 0.0 < args.validation_split < 1.0:
-        _fail(parser, f"--validation-split must lie in (0, 1); given {args.validation_split}.")
+        parser.error(f"--validation-split must lie in (0, 1); given {args.validation_split}.")
     if not 0.0 < args.test_fraction < 1.0:
-        _fail(parser, f"--test-fraction must lie in (0, 1); given {args.test_fraction}.")
+        parser.error(f"--test-fraction must lie in (0, 1); given {args.test_fraction}.")
 
 
 def _mean_nll(model, x: np.ndarray, batch_size: int = 4096) -> float:
@@ -154,6 +153,14 @@ def _mean_nll(model, x: np.ndarray, batch_size: int = 4096) -> float:
     for start in range(0, len(x), batch_size):
         total += -float(np.sum(model.log_prob(x[start : start + batch_size])))
     return total / len(x)
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def fit(args, parser) -> dict:
@@ -212,6 +219,10 @@ def fit(args, parser) -> dict:
 
     train_nll = _mean_nll(model, train)
     test_nll = _mean_nll(model, test)
+    for split, value in (("train", train_nll), ("test", test_nll)):
+        if not math.isfinite(value):
+            print(f"tfp-flows: warning: the {split} NLL is {value}: some {split} points get a "
+                  "non-finite log-density under the trained flow.")
     standard_normal_test_nll = float(np.mean(0.5 * np.sum(test.astype(np.float64) ** 2, axis=1))
                                      + 0.5 * event_size * math.log(2 * math.pi))
     per_dim_bits = 1.0 / (event_size * math.log(2.0))
@@ -254,7 +265,8 @@ def fit(args, parser) -> dict:
     }
     metrics["outputs"] = outputs
     with open(outputs["metrics"], "w") as handle:
-        json.dump(metrics, handle, indent=2)
+        # Non-finite numbers (warned about above) become null: metrics.json stays strict JSON.
+        json.dump(_finite_or_none(metrics), handle, indent=2)
 
     print(
         f"tfp-flows: {args.flow} on {args.data}: test NLL {test_nll:.4f} nats "
