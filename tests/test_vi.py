@@ -1,0 +1,161 @@
+"""Tests of tfp_flows.vi: log Z on a grid, exact KL, and the VI fit loop."""
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfp_flows import vi
+
+tfb = tfp.bijectors
+tfd = tfp.distributions
+
+TARGET_LOC = np.array([1.0, -2.0])
+TARGET_SCALE_TRIL = np.array([[1.5, 0.0], [0.8, 0.5]])
+TARGET_LOG_Z = 3.0  # the Gaussian target below is multiplied by e^3
+
+
+def gaussian_target(dtype=tf.float32):
+    """log p̃(x) = log N(x; μ, LLᵀ) + 3, so log Z = 3 exactly."""
+    normal = tfd.MultivariateNormalTriL(tf.constant(TARGET_LOC, dtype), tf.constant(TARGET_SCALE_TRIL, dtype))
+
+    def log_p_tilde(x):
+        return normal.log_prob(x) + TARGET_LOG_Z
+
+    return normal, log_p_tilde
+
+
+def affine_flow(dtype=tf.float32, loc=(0.0, 0.0), scale_tril=((1.0, 0.0), (0.0, 1.0))):
+    """x = L z + m with trainable m and lower-triangular L (positive diagonal)."""
+    shift = tf.Variable(tf.constant(loc, dtype), name="shift")
+    scale = tfp.util.TransformedVariable(tf.constant(scale_tril, dtype), tfb.FillScaleTriL(diag_shift=None))
+    return tfb.Chain([tfb.Shift(shift), tfb.ScaleMatvecTriL(scale)])
+
+
+def test_inverse_temperature_rises_linearly_from_initial_beta_to_one():
+    betas = [float(vi.inverse_temperature(t, 100, 0.01)) for t in (0, 50, 100, 1000)]
+    np.testing.assert_allclose(betas, [0.01, 0.505, 1.0, 1.0], rtol=1e-6)
+    assert float(vi.inverse_temperature(0, 0, 0.01)) == 1.0
+
+
+def test_log_normalizer_on_grid_matches_analytic_gaussian():
+    # log p̃(x) = -½ xᵀAx + 3 with correlated A: log Z = 3 + log 2π - ½ log det A.
+    precision = np.array([[2.0, 0.9], [0.9, 1.0]])
+    matrix = tf.constant(precision, tf.float32)
+
+    def log_p_tilde(x):
+        return -0.5 * tf.reduce_sum(x * tf.linalg.matvec(matrix, x), axis=-1) + 3.0
+
+    expected = 3.0 + math.log(2 * math.pi) - 0.5 * math.log(np.linalg.det(precision))
+    log_z = vi.log_normalizer_on_grid(log_p_tilde, ((-9, 9), (-12, 12)), 600)
+    assert abs(log_z - expected) < 1e-5
+
+
+def test_log_normalizer_on_grid_refuses_a_grid_that_cuts_off_mass():
+    _, log_p_tilde = gaussian_target()
+    with pytest.raises(ValueError, match="outermost cells hold .* widen bounds"):
+        vi.log_normalizer_on_grid(log_p_tilde, ((-1, 3), (-4, 0)), 100)
+    with pytest.raises(ValueError, match="min < max"):
+        vi.log_normalizer_on_grid(log_p_tilde, ((3, -1), (-4, 0)), 100)
+
+
+def test_exact_kl_matches_the_analytic_kl_between_gaussians():
+    target, log_p_tilde = gaussian_target()
+    q_loc, q_tril = (0.5, -1.0), ((1.0, 0.0), (0.3, 0.8))
+    q = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)), affine_flow(loc=q_loc, scale_tril=q_tril))
+    analytic = float(tfd.kl_divergence(tfd.MultivariateNormalTriL(q_loc, q_tril), target))
+    log_z = vi.log_normalizer_on_grid(log_p_tilde, ((-8, 10), (-11, 7)), 500)
+    assert abs(log_z - TARGET_LOG_Z) < 1e-5
+    kl, standard_error = vi.exact_kl(q, log_p_tilde, log_z, num_samples=200_000, seed=0)
+    assert 0 < standard_error < 0.02
+    assert abs(kl - analytic) < 4 * standard_error, (kl, analytic, standard_error)
+    # q = p: log q - log p̃ = -log Z for every sample, so the KL is 0 with no spread.
+    exact = tfd.TransformedDistribution(
+        tfd.MultivariateNormalDiag(tf.zeros(2)), affine_flow(loc=TARGET_LOC, scale_tril=TARGET_SCALE_TRIL)
+    )
+    kl, standard_error = vi.exact_kl(exact, log_p_tilde, TARGET_LOG_Z, num_samples=10_000, seed=1)
+    assert abs(kl) < 1e-5 and standard_error < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+def test_fit_affine_flow_to_gaussian_reaches_zero_kl(dtype, capsys):
+    _, log_p_tilde = gaussian_target(dtype)
+    result = vi.fit(
+        affine_flow(dtype), log_p_tilde, event_size=2, num_steps=2000, batch_size=128, seed=3,
+        learning_rate=2e-2, annealing_steps=200, dtype=dtype, steps_per_call=1000,
+    )
+    assert result.history.shape == (2000,)
+    assert result.distribution.dtype == dtype
+    # The ELBO rises towards log Z = 3 (the bound is tight only at q = p).
+    assert result.history[:50].mean() < 0.0 < 2.9 < result.history[-200:].mean() < 3.0 + 0.05
+    kl, standard_error = vi.exact_kl(result.distribution, log_p_tilde, TARGET_LOG_Z, 50_000, seed=0)
+    assert kl < 0.01 and standard_error < 0.01
+    assert "elbo" in capsys.readouterr().out  # the progress bar reports the ELBO
+
+
+def test_fit_is_deterministic_for_a_seed():
+    _, log_p_tilde = gaussian_target()
+    runs = [
+        vi.fit(affine_flow(), log_p_tilde, 2, num_steps=300, batch_size=32, seed=seed, steps_per_call=128, verbose=0)
+        for seed in (7, 7, 8)
+    ]
+    np.testing.assert_array_equal(runs[0].history, runs[1].history)
+    assert not np.allclose(runs[0].history, runs[2].history)
+
+
+def test_fit_trains_tfp_inverse_autoregressive_flow():
+    _, log_p_tilde = gaussian_target()
+    network = tfb.AutoregressiveNetwork(params=2, hidden_units=[16], activation="tanh")
+    iaf = tfb.Invert(tfb.MaskedAutoregressiveFlow(shift_and_log_scale_fn=network))
+    result = vi.fit(iaf, log_p_tilde, 2, num_steps=3000, batch_size=128, seed=0, learning_rate=1e-2, verbose=0)
+    kl, _ = vi.exact_kl(result.distribution, log_p_tilde, TARGET_LOG_Z, 50_000, seed=0)
+    assert kl < 0.05
+
+
+def test_fit_refuses_a_target_with_nan_at_the_initial_samples():
+    def nan_on_left_half(x):
+        return tf.where(x[:, 0] < 0.0, np.nan, -tf.reduce_sum(x**2, axis=-1))
+
+    with pytest.raises(ValueError, match=r"target_log_prob must be finite .* NaN/inf"):
+        vi.fit(affine_flow(), nan_on_left_half, 2, num_steps=10, batch_size=64, seed=0, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "bad_target, error, message",
+    [
+        (lambda x: -x**2, ValueError, r"shape \[batch\] = \[64\]; given shape \[64, 2\]"),
+        (lambda x: -tf.reduce_sum(x**2), ValueError, r"shape \[batch\] = \[64\]; given shape \[\]"),
+        (lambda x: tf.cast(x[:, 0] > 0, tf.int32), TypeError, "floating-point .* given dtype int32"),
+    ],
+)
+def test_fit_refuses_targets_of_wrong_shape_or_dtype(bad_target, error, message):
+    with pytest.raises(error, match=message):
+        vi.fit(affine_flow(), bad_target, 2, num_steps=10, batch_size=64, seed=0, verbose=0)
+
+
+def test_fit_stops_on_a_loss_that_turns_nan_and_keeps_finite_variables():
+    # Finite near the initial q = N(0, I), NaN beyond x1 = 4, while the target pulls q to x1 = 8.
+    def nan_far_right(x):
+        log_p = -0.5 * tf.reduce_sum((x - [8.0, 0.0]) ** 2, axis=-1)
+        return tf.where(x[:, 0] > 4.0, tf.constant(np.nan, x.dtype), log_p)
+
+    flow = affine_flow()
+    with pytest.raises(FloatingPointError, match=r"NaN/inf at step \d+ of 2000"):
+        vi.fit(flow, nan_far_right, 2, num_steps=2000, batch_size=64, seed=0, learning_rate=5e-2,
+               annealing_steps=0, verbose=0)
+    for variable in flow.trainable_variables:
+        assert np.all(np.isfinite(variable.numpy()))
+    (shift,) = [v for v in flow.trainable_variables if v.name.startswith("shift")]
+    assert 0.5 < shift.numpy()[0] < 4.5  # it moved towards x1 = 8 before stopping
+
+
+def test_fit_validates_its_arguments():
+    _, log_p_tilde = gaussian_target()
+    with pytest.raises(TypeError, match="target_log_prob must be callable"):
+        vi.fit(affine_flow(), "U1", 2, num_steps=10)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1; given 0"):
+        vi.fit(affine_flow(), log_p_tilde, 2, num_steps=10, batch_size=0)
+    with pytest.raises(ValueError, match=r"event shape \[2\] \(event_size\); given \[3\]"):
+        vi.fit(affine_flow(), log_p_tilde, 2, num_steps=10,
+               base_distribution=tfd.MultivariateNormalDiag(tf.zeros(3)))
