@@ -76,6 +76,15 @@ def test_no_arguments_means_the_default_fit():
     assert (args.data, args.flow, args.out) == ("8gaussians", "planar", os.path.join("runs", "default"))
 
 
+@pytest.mark.parametrize("flow", sorted(cli.FLOW_BUILDERS))
+def test_every_flow_name_builds_an_invertible_flow_of_the_requested_depth(flow):
+    args = cli.build_parser().parse_args(["fit", "--flow", flow, "--layers", "3", "--hidden", "8"])
+    bijector = cli._build_bijector(args, event_size=2, parser=None)
+    x = tf.constant(datasets.toy("moons", 16, seed=0))
+    np.testing.assert_allclose(bijector.forward(bijector.inverse(x)).numpy(), x.numpy(), atol=1e-4)
+    assert len(bijector.trainable_variables) >= 3
+
+
 def test_fit_on_toy_data_writes_all_outputs(tmp_path, capsys):
     out = tmp_path / "run"
     # Without XLA to keep the test short (the compiled path runs in the .npy test below).
@@ -109,7 +118,7 @@ def test_fit_on_a_npy_file_without_a_plot(tmp_path, capsys):
     np.save(path, x.astype(np.float32))
     out = tmp_path / "run3d"
     cli.main(["fit", "--data", str(path), "--flow", "maf", "--layers", "2", "--hidden", "16,16",
-              "--epochs", "5", "--lr", "0.01", "--out", str(out), "--quiet"])
+              "--epochs", "5", "--patience", "2", "--lr", "0.01", "--out", str(out), "--quiet"])
     assert "skipping density.png" in capsys.readouterr().out
     assert not (out / "density.png").exists()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -134,6 +143,13 @@ def test_bad_arguments_exit_with_a_clear_message(arguments, message, tmp_path, c
         cli.main(["fit", *arguments, "--out", str(tmp_path / "never")])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_fit_flags_work_without_the_word_fit(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--flow", "spline", "--out", str(tmp_path / "never")])
+    assert exit_info.value.code == 2
+    assert "--flow must be one of" in capsys.readouterr().err
 
 
 def test_npy_with_nan_or_wrong_rank_is_refused(tmp_path, capsys):

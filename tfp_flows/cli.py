@@ -18,17 +18,23 @@ import time
 from typing import Sequence
 
 import numpy as np
+import tensorflow_probability as tfp
+import tf_keras
 
-from tfp_flows import datasets
+from tfp_flows import datasets, flows
+from tfp_flows.checks import check_samples
+from tfp_flows.model import FlowModel
+from tfp_flows.plotting import plot_density_2d
 
+# CLI name -> builder in tfp_flows.flows, looked up by name so that a missing one only
+# removes that choice.
 FLOW_BUILDERS = {
-    # CLI name -> names the builder may have in tfp_flows.flows (first one found is used).
-    "planar": ("planar_flow", "planar"),
-    "radial": ("radial_flow", "radial"),
-    "maf": ("maf",),
-    "iaf": ("iaf",),
-    "nice": ("nice", "nice_flow"),
-    "realnvp": ("realnvp", "real_nvp", "realnvp_flow"),
+    "planar": "planar_flow",
+    "radial": "radial_flow",
+    "maf": "maf",
+    "iaf": "iaf",
+    "nice": "nice",
+    "realnvp": "realnvp",
 }
 DEFAULT_OUT = os.path.join("runs", "default")
 
@@ -84,8 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_data(args, parser) -> tuple[np.ndarray, np.ndarray]:
     """Return float32 train and test arrays [N, D]."""
-    from tfp_flows.checks import check_samples
-
     if args.data in datasets.TOY_NAMES:
         # Different seeds for train and test: 2·seed and 2·seed + 1.
         train = datasets.toy(args.data, args.n, seed=2 * args.seed)
@@ -112,22 +116,18 @@ def _load_data(args, parser) -> tuple[np.ndarray, np.ndarray]:
     return array[order[num_test:]], array[order[:num_test]]
 
 
-def _build_bijector(args, event_size: int, parser):
-    from tfp_flows import flows
-
-    builder = None
-    for attribute in FLOW_BUILDERS.get(args.flow, ()):
-        builder = getattr(flows, attribute, None)
-        if builder is not None:
-            break
+def _build_bijector(args, event_size: int, parser) -> tfp.bijectors.Bijector:
+    builder = getattr(flows, FLOW_BUILDERS.get(args.flow, ""), None)
     if builder is None:
-        available = [name for name, attrs in FLOW_BUILDERS.items() if any(hasattr(flows, a) for a in attrs)]
+        available = [name for name, attribute in FLOW_BUILDERS.items() if hasattr(flows, attribute)]
         parser.error(f"--flow must be one of {', '.join(available)}; given {args.flow!r}.")
     try:
         hidden_units = [int(h) for h in args.hidden.split(",") if h.strip()]
     except ValueError:
         parser.error(f"--hidden must be comma-separated integers such as 64,64; given {args.hidden!r}.")
-    offered = {"event_size": event_size, "num_layers": args.layers, "hidden_units": hidden_units, "seed": args.seed}
+    # Builders name the depth num_layers (planar, radial, maf, iaf) or num_couplings (nice, realnvp).
+    offered = {"event_size": event_size, "num_layers": args.layers, "num_couplings": args.layers,
+               "hidden_units": hidden_units, "seed": args.seed}
     accepted = inspect.signature(builder).parameters
     return builder(**{key: value for key, value in offered.items() if key in accepted})
 
@@ -169,11 +169,6 @@ def fit(args, parser) -> dict:
     start = time.perf_counter()
     train, test = _load_data(args, parser)
     event_size = train.shape[1]
-
-    import tf_keras
-
-    from tfp_flows.model import FlowModel
-    from tfp_flows.plotting import plot_density_2d
 
     tf_keras.utils.set_random_seed(args.seed)
     bijector = _build_bijector(args, event_size, parser)
