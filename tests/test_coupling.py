@@ -161,3 +161,64 @@ def test_bad_arguments_name_expected_and_given():
         NICERescale(0.5)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"log_scale.*finite"):
         NICERescale([0.0, np.inf], validate_args=True)
+
+
+@pytest.mark.parametrize("builder", ["nice", "realnvp"])
+@pytest.mark.parametrize("event_size", [2, 5])
+def test_vector_builders_are_exact_bijections(builder, event_size):
+    from tfp_flows import flows
+
+    flow = getattr(flows, builder)(event_size, num_couplings=3, hidden_units=[8], seed=0, dtype=tf.float64)
+    rng = np.random.default_rng(0)
+    for variable in flow.trainable_variables:  # leave the identity start
+        variable.assign_add(0.3 * rng.normal(size=variable.shape))
+    z = tf.constant(rng.normal(size=[4, event_size]))
+    x = flow.forward(z)
+    np.testing.assert_allclose(flow.inverse(fresh(x)).numpy(), z.numpy(), atol=1e-10)
+    fldj = np.broadcast_to(flow.forward_log_det_jacobian(z, event_ndims=1).numpy(), [4])
+    np.testing.assert_allclose(fldj, autodiff_log_det(flow, z), atol=1e-10)
+    np.testing.assert_allclose(
+        np.broadcast_to(flow.inverse_log_det_jacobian(fresh(x), event_ndims=1).numpy(), [4]), -fldj, atol=1e-10
+    )
+
+
+def test_vector_builders_alternate_halves():
+    """After two couplings every output depends on more than one input (none passed through)."""
+    from tfp_flows.flows import nice
+
+    flow = nice(6, num_couplings=2, hidden_units=[8], seed=1)
+    for variable in flow.trainable_variables:
+        variable.assign(tf.random.normal(variable.shape, seed=2))
+    z = tf.random.normal([1, 6], seed=3)
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        x = flow.forward(z)
+    jacobian = tape.batch_jacobian(x, z).numpy()[0]
+    assert np.all((np.abs(jacobian) > 1e-6).sum(axis=1) >= 2), jacobian
+
+
+@pytest.mark.parametrize("builder", ["nice", "realnvp"])
+def test_vector_builders_train_with_fit_under_xla(builder):
+    from tfp_flows import FlowModel, flows
+    from tfp_flows.datasets import toy
+
+    data = toy("moons", 1024, seed=0)
+    model = FlowModel(getattr(flows, builder)(2, num_couplings=4, hidden_units=[32, 32], seed=0), event_shape=[2])
+    assert len(model.trainable_variables) == len(model.bijector.trainable_variables) > 0
+    model.compile(learning_rate=5e-3, jit_compile=True)
+    history = model.fit(data, epochs=15, batch_size=64, verbose=0).history["nll"]
+    assert np.all(np.isfinite(history))
+    gaussian_nll = -tfp.distributions.MultivariateNormalTriL(
+        data.mean(0), np.linalg.cholesky(np.cov(data.T)).astype(np.float32)
+    ).log_prob(data).numpy().mean()
+    # better than the best Gaussian fit (3.29 nats): the couplings learned the moons' shape
+    assert history[-1] < gaussian_nll - 0.15, (history, gaussian_nll)
+
+
+def test_vector_builders_reject_bad_sizes():
+    from tfp_flows.flows import nice, realnvp
+
+    with pytest.raises(ValueError, match=r"event_size.*>= 2.*given 1"):
+        nice(1, num_couplings=2)
+    with pytest.raises(ValueError, match=r"num_couplings.*positive integer; given 0"):
+        realnvp(4, num_couplings=0)
