@@ -70,7 +70,9 @@ class FlowModel(tf_keras.Model):
             )
         self._event_shape = tuple(int(d) for d in tf.TensorShape(event_shape).as_list())
         if base_distribution is None:
-            dtype = bijector.dtype or tf.float32
+            # A Chain has no dtype of its own: take the one of its variables.
+            floating = [v.dtype for v in bijector.variables if v.dtype.is_floating]
+            dtype = bijector.dtype or (floating[0] if floating else tf.float32)
             base_distribution = tfd.Sample(
                 tfd.Normal(tf.zeros([], dtype), tf.ones([], dtype)), self._event_shape
             )
@@ -220,7 +222,8 @@ class FlowModel(tf_keras.Model):
             message = f"{name}: the dataset holds NaN or inf values."
             return data.map(lambda x: tf.debugging.assert_all_finite(x, message))
         array = check_samples(data, self._event_shape, name)
-        return array.astype(self._distribution.dtype.as_numpy_dtype, copy=False)
+        # A tensor, not an array: Keras would cast float64 arrays to float32.
+        return tf.constant(array, self._distribution.dtype)
 
     def fit(
         self,

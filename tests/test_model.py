@@ -1,0 +1,234 @@
+"""FlowModel: training with fit (XLA), densities that integrate to 1, export, bad input."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+import tf_keras
+
+from tfp_flows import FlowModel, flows
+from tfp_flows.bijectors import Planar
+from tfp_flows.datasets import toy
+
+tfb, tfd = tfp.bijectors, tfp.distributions
+
+
+def mixed_chain(seed=0, dtype=tf.float32):
+    return tfb.Chain([
+        flows.planar_flow(2, 4, seed=seed, dtype=dtype),
+        flows.maf(2, 2, [16, 16], dtype=dtype),
+        flows.radial_flow(2, 4, seed=seed + 1, dtype=dtype),
+    ])
+
+
+@pytest.fixture(scope="module")
+def trained_mixed_model():
+    tf_keras.utils.set_random_seed(0)
+    model = FlowModel(mixed_chain(), event_shape=[2])
+    model.compile(learning_rate=1e-2)
+    history = model.fit(toy("8gaussians", 2048, seed=0), epochs=4, batch_size=256, verbose=0)
+    return model, history
+
+
+def test_fit_with_xla_lowers_the_nll(trained_mixed_model):
+    model, history = trained_mixed_model
+    nll = history.history["nll"]
+    assert nll[-1] < nll[0] - 0.5
+    assert model.train_function is not None and model.jit_compile
+    bits = np.array(history.history["bits_per_dim"])
+    np.testing.assert_allclose(bits, np.array(nll) / (2 * np.log(2.0)), rtol=1e-5)
+
+
+def test_trained_mixed_chain_density_integrates_to_one(trained_mixed_model):
+    """∫ p over a box equals the fraction of the model's samples inside it.
+
+    The box holds most of the mass; the comparison with samples checks that
+    log_prob and sample describe the same, normalised, distribution.
+    """
+    model, _ = trained_mixed_model
+    grid = np.linspace(-12.0, 12.0, 801)
+    xx, yy = np.meshgrid(grid, grid)
+    points = np.stack([xx.ravel(), yy.ravel()], axis=1).astype(np.float32)
+    density = np.exp(model.log_prob(points).numpy().astype(np.float64))
+    mass = density.sum() * (grid[1] - grid[0]) ** 2
+    samples = model.sample(200_000, seed=7).numpy()
+    inside = np.mean(np.abs(samples).max(axis=1) <= 12.0)
+    assert inside > 0.9
+    assert abs(mass - inside) < 5e-3
+
+
+def test_log_prob_matches_change_of_variables_by_hand(trained_mixed_model):
+    model, _ = trained_mixed_model
+    x = toy("8gaussians", 16, seed=3)
+    z = model.bijector.inverse(x)
+    expected = tfd.MultivariateNormalDiag(tf.zeros(2)).log_prob(z) + \
+        model.bijector.inverse_log_det_jacobian(x, event_ndims=1)
+    np.testing.assert_allclose(model.log_prob(x).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert model.sample(7, seed=1).shape == (7, 2)
+
+
+def test_float64_model_trains():
+    model = FlowModel(flows.planar_flow(2, 4, seed=0, dtype=tf.float64), event_shape=[2])
+    assert model.distribution.dtype == tf.float64
+    model.compile(learning_rate=1e-2)
+    history = model.fit(toy("moons", 1024, seed=0), epochs=3, batch_size=128, verbose=0)
+    assert history.history["nll"][-1] < history.history["nll"][0]
+
+
+def test_early_stopping_restores_the_best_weights():
+    x = toy("8gaussians", 64, seed=1)
+    validation = toy("8gaussians", 512, seed=2)
+    model = FlowModel(flows.maf(2, 3, [64, 64]), event_shape=[2])
+    model.compile(learning_rate=3e-2)
+    history = model.fit(x, validation_data=validation, epochs=200, batch_size=64,
+                        patience=5, verbose=0)
+    val = history.history["val_nll"]
+    assert len(val) < 200, "a 64-point training set must overfit and stop early"
+    restored = -np.mean(model.log_prob(validation).numpy())
+    assert restored == pytest.approx(min(val), rel=1e-4)
+
+
+def test_checkpointed_weights_reload_into_a_fresh_model(trained_mixed_model, tmp_path):
+    model, _ = trained_mixed_model
+    path = str(tmp_path / "weights")
+    model.save_weights(path)
+    fresh = FlowModel(mixed_chain(seed=5), event_shape=[2])
+    fresh.load_weights(path)
+    x = toy("8gaussians", 32, seed=4)
+    np.testing.assert_allclose(fresh.log_prob(x).numpy(), model.log_prob(x).numpy(), rtol=1e-6)
+
+
+def test_fit_accepts_a_dataset_and_validation_split():
+    data = toy("moons", 512, seed=0)
+    model = FlowModel(flows.radial_flow(2, 3, seed=0), event_shape=[2])
+    model.compile(learning_rate=1e-2)
+    history = model.fit(tf.data.Dataset.from_tensor_slices(data).batch(128), epochs=2, verbose=0)
+    assert len(history.history["nll"]) == 2
+    history = model.fit(data, validation_split=0.25, epochs=2, batch_size=128, verbose=0)
+    assert "val_nll" in history.history and "val_bits_per_dim" in history.history
+
+
+def test_export_reloads_in_a_process_without_tfp(trained_mixed_model, tmp_path):
+    model, _ = trained_mixed_model
+    path = model.export(str(tmp_path / "saved"))
+    x = toy("8gaussians", 8, seed=5)
+    z = np.random.default_rng(0).standard_normal((8, 2)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "z.npy", z)
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        import tensorflow as tf
+        loaded = tf.saved_model.load({path!r})
+        x = np.load({str(tmp_path / 'x.npy')!r}); z = np.load({str(tmp_path / 'z.npy')!r})
+        samples = loaded.sample(tf.constant(5, tf.int32)).numpy()
+        print(json.dumps({{
+            "log_prob": loaded.log_prob(x).numpy().tolist(),
+            "forward": loaded.forward(z).numpy().tolist(),
+            "inverse": loaded.inverse(x).numpy().tolist(),
+            "sample_shape": list(samples.shape),
+            "finite": bool(np.isfinite(samples).all()),
+            "signatures": sorted(loaded.signatures),
+            "imported": [m for m in ("tensorflow_probability", "tfp_flows") if m in sys.modules],
+        }}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["imported"] == []
+    assert out["sample_shape"] == [5, 2] and out["finite"]
+    assert out["signatures"] == ["forward", "inverse", "log_prob", "sample"]
+    np.testing.assert_allclose(out["log_prob"], model.log_prob(x).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["forward"], model.bijector.forward(z).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["inverse"], model.bijector.inverse(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def small_model():
+    model = FlowModel(flows.planar_flow(2, 2, seed=0), event_shape=[2])
+    model.compile()
+    return model
+
+
+@pytest.mark.parametrize("data, pattern", [
+    (np.zeros((10, 3), np.float32), r"shape \[N, 2\].*given shape \[10, 3\]"),
+    (np.zeros((10,), np.float32), r"shape \[N, 2\].*given shape \[10\]"),
+    (np.array([[0.0, 1.0], [np.nan, 0.0]], np.float32), r"finite.*1 NaN/inf.*index \(1, 0\)"),
+    (np.array([[0.0, np.inf]], np.float32), r"finite.*NaN/inf"),
+    (np.array([["a", "b"]]), r"real numbers; given dtype <U1"),
+])
+def test_fit_refuses_bad_data_before_training(small_model, data, pattern):
+    weights = [w.numpy() for w in small_model.trainable_variables]
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        small_model.fit(data, epochs=1, verbose=0)
+    for before, after in zip(weights, small_model.trainable_variables):
+        np.testing.assert_array_equal(before, after.numpy())
+
+
+def test_fit_refuses_bad_validation_data_and_labels(small_model):
+    x = toy("moons", 64, seed=0)
+    with pytest.raises(ValueError, match="validation_data must be finite"):
+        small_model.fit(x, validation_data=np.full((4, 2), np.nan, np.float32), verbose=0)
+    with pytest.raises(ValueError, match="data only"):
+        small_model.fit(x, y=x, verbose=0)
+    bad_dataset = tf.data.Dataset.from_tensor_slices(np.zeros((8, 3), np.float32)).batch(4)
+    with pytest.raises(ValueError, match=r"shape \[batch, 2\]; given \[None, 3\]"):
+        small_model.fit(bad_dataset, verbose=0)
+    nan_dataset = tf.data.Dataset.from_tensor_slices(np.full((8, 2), np.nan, np.float32)).batch(4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or inf"):
+        small_model.fit(nan_dataset, verbose=0)
+
+
+def test_non_finite_loss_stops_training_and_keeps_finite_weights(small_model):
+    far_away = np.full((64, 2), 1e30, np.float32)
+    with pytest.raises(FloatingPointError, match="nll became"):
+        small_model.fit(far_away, epochs=3, batch_size=32, verbose=0)
+    assert all(np.isfinite(v.numpy()).all() for v in small_model.trainable_variables)
+
+
+def test_untracked_or_missing_variables_raise_instead_of_training_nothing():
+    constant = FlowModel(Planar(np.ones(2, np.float32), np.ones(2, np.float32), 0.0), [2])
+    constant.compile()
+    with pytest.raises(RuntimeError, match="no trainable variables"):
+        constant.fit(np.zeros((8, 2), np.float32), verbose=0)
+
+
+def test_keras3_network_inside_the_bijector_is_detected():
+    keras = pytest.importorskip("keras")
+    if not keras.__version__.startswith("3"):
+        pytest.skip("needs Keras 3 to reproduce the trap")
+    dense = keras.layers.Dense(2)
+
+    class Keras3Shift(tfb.Bijector):
+        def __init__(self):
+            super().__init__(forward_min_event_ndims=1, is_constant_jacobian=True)
+            self.network = dense
+
+        def _forward(self, z):
+            return z + self.network(tf.ones_like(z))
+
+        def _inverse(self, x):
+            return x - self.network(tf.ones_like(x))
+
+        def _forward_log_det_jacobian(self, z):
+            return tf.zeros([], z.dtype)
+
+    model = FlowModel(Keras3Shift(), [2])
+    model.compile()
+    with pytest.raises(TypeError, match="Keras 3"):
+        model.fit(np.zeros((8, 2), np.float32), verbose=0)
+    with pytest.raises(TypeError, match="tf_keras"):
+        FlowModel(flows.planar_flow(2, 1), [2]).compile(optimizer=keras.optimizers.Adam())
+
+
+def test_constructor_checks_bijector_and_base_shapes():
+    with pytest.raises(TypeError, match="Bijector"):
+        FlowModel("planar", [2])
+    with pytest.raises(ValueError, match=r"event shape \[3\]; expected .* \[2\]"):
+        FlowModel(flows.planar_flow(2, 1), [2],
+                  base_distribution=tfd.MultivariateNormalDiag(tf.zeros(3)))
