@@ -67,6 +67,9 @@ def newton_step(z, center, eps, max_step: float, max_abs_gamma: float, max_abs_s
     `|σ| ≤ max_abs_sigma`.
     """
     dtype = z.dtype
+    eps = tf.convert_to_tensor(eps, dtype)
+    max_step, max_abs_gamma, max_abs_sigma = (
+        tf.convert_to_tensor(value, dtype) for value in (max_step, max_abs_gamma, max_abs_sigma))
     d = z - center
     s = tf.sqrt(tf.square(eps) + tf.square(d))
     rho = d / s

@@ -252,7 +252,7 @@ class Rotation(tfb.AutoCompositeTensorBijector):
         return self._forward_log_det_jacobian(y)
 
     def _parameter_control_dependencies(self, is_init):
-        if not self.validate_args or is_init != tensor_util.is_ref(self._matrix):
+        if not self.validate_args or is_init == tensor_util.is_ref(self._matrix):
             return []
         matrix = tf.convert_to_tensor(self._matrix)
         tol = 1e-10 if matrix.dtype == tf.float64 else 1e-4
