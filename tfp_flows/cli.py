@@ -57,17 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--data", default="8gaussians",
                      help="a toy data set (" + ", ".join(datasets.TOY_NAMES) + ") or the path "
                      "of a .npy file holding a float array [N, D]")
-    fit.add_argument("--flow", default="planar", help="the flow: " + ", ".join(FLOW_BUILDERS)
-                     + " (nice and realnvp only where tfp_flows.flows provides them)")
-    fit.add_argument("--layers", type=int, default=8, help="number of flow layers")
+    fit.add_argument("--flow", default="planar",
+                     help="the flow, a builder of tfp_flows.flows: " + ", ".join(FLOW_BUILDERS))
+    fit.add_argument("--layers", type=int, default=8, help="number of flow layers (couplings for nice and realnvp)")
     fit.add_argument("--hidden", default="64,64",
-                     help="hidden units of the networks of maf, iaf, nice and realnvp, comma separated")
+                     help="hidden units of the networks of maf, iaf, nice and realnvp, comma "
+                     "separated (planar and radial have no networks)")
     fit.add_argument("--epochs", type=int, default=15, help="maximum number of epochs")
     fit.add_argument("--batch-size", type=int, default=128, help="minibatch size")
     fit.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
     fit.add_argument("--patience", type=int, default=None,
                      help="stop after this many epochs without a better validation NLL and restore "
-                     "the best weights (default: no early stopping)")
+                     "the best weights; no early stopping when not given")
     fit.add_argument("--validation-split", type=float, default=0.1,
                      help="fraction of the training points held out for validation (best checkpoint, early stopping)")
     fit.add_argument("--n", type=int, default=5_000,

@@ -15,6 +15,8 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from tfp_flows.checks import check_samples
+
 TOY_NAMES = ("moons", "8gaussians", "checkerboard", "pinwheel", "2spirals", "rings")
 ENERGY_NAMES = ("U1", "U2", "U3", "U4")
 DIGITS_LEVELS = 17
@@ -134,8 +136,6 @@ def toy_log_prob(name: str, x) -> np.ndarray:
         raise ValueError(
             f"The exact density is known only for '8gaussians'; given {name!r}."
         )
-    from tfp_flows.checks import check_samples
-
     points = check_samples(x, (2,), name="x").astype(np.float64)
     squared = np.sum((points[:, None, :] - _eight_gaussians_centres()[None]) ** 2, axis=-1)
     log_components = (
