@@ -25,10 +25,11 @@ class Planar(bijector.AutoCompositeTensorBijector):
 
     Inverse: with `a = wᵀz` the projection `wᵀx = a + c · tanh(a + b)` is strictly
     increasing in `a`, and its root lies in `[wᵀx − |c|, wᵀx + |c|]`. A safeguarded
-    Newton iteration (bisection whenever Newton leaves the bracket) with a fixed
-    number of steps finds it; then `z = x − û · tanh(a + b)`. Gradients through
-    the inverse come from the implicit-function theorem (one Newton step on the
-    stopped root), not from backpropagating through the iterations.
+    Newton iteration (bisection whenever Newton leaves the bracket), stopped at
+    convergence or after `inverse_iterations` steps, finds it; then
+    `z = x − û · tanh(a + b)`. Gradients through the inverse come from the
+    implicit-function theorem (one Newton step on the stopped root), not from
+    backpropagating through the iterations.
 
     Parameters: `u`, `w` of shape `[..., D]`, `b` of shape `[...]`; leading
     dimensions are batch dimensions and broadcast with each other.
@@ -140,14 +141,15 @@ class Planar(bijector.AutoCompositeTensorBijector):
 
         A Newton step is taken when it stays inside the current bracket and at
         least halves the previous step; otherwise the bracket is bisected. The
-        loop runs a fixed number of times, so it compiles with XLA.
+        loop stops when no root moves by more than a few ulps, and after
+        `inverse_iterations` steps at most, so it compiles with XLA.
         """
         y, c, b = tf.stop_gradient(y), tf.stop_gradient(c), tf.stop_gradient(b)
         lower, upper = y - tf.abs(c), y + tf.abs(c)
         a = 0.5 * (lower + upper)
-        previous_step = upper - lower
+        tolerance = 4.0 * dtype_util.eps(y.dtype)
 
-        def step(a, lower, upper, previous_step):
+        def step(a, lower, upper, previous_step, _):
             h = tf.tanh(a + b)
             residual = a + c * h - y
             lower = tf.where(residual < 0, a, lower)
@@ -158,14 +160,14 @@ class Planar(bijector.AutoCompositeTensorBijector):
                 (newton >= lower) & (newton <= upper)
                 & (2.0 * tf.abs(newton_step) <= tf.abs(previous_step))
             )
-            bisection = 0.5 * (lower + upper)
-            next_a = tf.where(use_newton, newton, bisection)
-            return next_a, lower, upper, next_a - a
+            next_a = tf.where(use_newton, newton, 0.5 * (lower + upper))
+            moving = tf.reduce_any(tf.abs(next_a - a) > tolerance * (1.0 + tf.abs(a)))
+            return next_a, lower, upper, next_a - a, moving
 
-        a, _, _, _ = tf.while_loop(
-            lambda *_: True,
+        a, *_ = tf.while_loop(
+            lambda *state: state[-1],
             step,
-            (a, lower, upper, previous_step),
+            (a, lower, upper, upper - lower, tf.constant(True)),
             maximum_iterations=self._inverse_iterations,
         )
         return a
