@@ -258,7 +258,7 @@ def test_fit_beats_gaussian_widely_and_tracks_its_log_likelihood(eight_gaussians
 
 def test_fitted_density_integrates_to_one(eight_gaussians_fit):
     result, _ = eight_gaussians_fit
-    grid = np.linspace(-6.0, 6.0, 301)
+    grid = np.linspace(-6.0, 6.0, 241)
     xx, yy = np.meshgrid(grid, grid)
     points = np.stack([xx.ravel(), yy.ravel()], axis=1).astype(np.float32)
     density = np.exp(result.distribution.log_prob(points).numpy().astype(np.float64))
