@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
 
 
 def _log_prob_function(distribution_or_log_prob_fn) -> Callable:
@@ -72,7 +73,9 @@ def plot_density_2d(
         ax.hist2d(points[:, 0], points[:, 1], bins=100, range=histogram_range, cmap="viridis")
         ax.set_title(f"{label} (n={len(points)})")
     contours = axes[2].contourf(grid_x, grid_y, shown, levels=30, cmap="viridis")
-    figure.colorbar(contours, ax=axes[2], label="log density (nats)")
+    # A colour bar as tall as the panel, whatever the panel's aspect ratio.
+    colorbar_axis = make_axes_locatable(axes[2]).append_axes("right", size="5%", pad=0.08)
+    figure.colorbar(contours, cax=colorbar_axis, label="log density (nats)")
     axes[2].set_title("model log-density")
     for ax in axes:
         ax.set_xlim(x_min, x_max)
