@@ -42,7 +42,9 @@ from tfp_flows.checks import check_samples
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
-__all__ = ["fit", "DualAscentResult", "auto_eps", "trainable_bijector", "newton_step"]
+__all__ = [
+    "fit", "DualAscentResult", "auto_eps", "trainable_bijector", "static_batches", "newton_step",
+]
 
 
 def auto_eps(num_points: int, dim: int) -> float:
@@ -197,7 +199,10 @@ def trainable_bijector(result: DualAscentResult) -> tfb.Chain:
 
     Rotations, ε and the whitening stay constants (a rotation must stay orthogonal for
     its log-det to be 0). `DualAscentFlow` projects the variables onto the valid set,
-    so any value SGD reaches is an invertible map.
+    so any value SGD reaches is an invertible map. Train it on `static_batches(x, ...)`:
+    XLA cannot compile the gradient of the steps' while loop when the batch size is
+    unknown at tracing time (TF then needs run-time shape arithmetic inside the loop).
+    The steps compose, so the learning rate must be small (Adam 3e-5 on 8gaussians).
     """
     flow = result.flow
     variables = {
@@ -206,6 +211,20 @@ def trainable_bijector(result: DualAscentResult) -> tfb.Chain:
     }
     trainable_flow = DualAscentFlow(flow.rotations, eps=flow.eps, **variables)
     return _assemble_bijector(trainable_flow, result.mean, result.cholesky, result.event_shape)
+
+
+def static_batches(x, batch_size: int, seed: int | None = None) -> tf.data.Dataset:
+    """Shuffled batches of `x` with a static batch size (`drop_remainder=True`), one epoch.
+
+    Use it to fine-tune `trainable_bijector(result)` with `FlowModel.fit` under XLA.
+    """
+    array = np.asarray(x)
+    if batch_size < 1 or batch_size > len(array):
+        raise ValueError(f"batch_size must be in [1, {len(array)}] (the number of points); "
+                         f"given {batch_size}.")
+    dataset = tf.data.Dataset.from_tensor_slices(array)
+    dataset = dataset.shuffle(len(array), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size, drop_remainder=True)
 
 
 def _whitening(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:

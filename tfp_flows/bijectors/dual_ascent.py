@@ -360,8 +360,11 @@ class DualAscentFlow(tfb.AutoCompositeTensorBijector):
 
     def _run(self, x, inverse: bool):
         sigma, shift, gamma, center, eps = self._projected_params()
-        return _run_steps(x, tf.convert_to_tensor(self._rotations), 1.0 - sigma, shift, gamma,
-                          center, eps, inverse=inverse)
+        # Eager callers get a compiled graph (no per-op dispatch in every step); inside a
+        # caller's graph the loop is inlined so that it keeps the caller's static shapes.
+        run = _run_steps_in_graph if tf.executing_eagerly() else _run_steps
+        return run(x, tf.convert_to_tensor(self._rotations), 1.0 - sigma, shift, gamma,
+                   center, eps, inverse=inverse)
 
     # One loop yields both the point and the log-det; the log-det goes into TFP's
     # bijector cache (as `tfb.FFJORD` does), so `log_prob` runs the loop once, not twice.
@@ -402,12 +405,10 @@ class DualAscentFlow(tfb.AutoCompositeTensorBijector):
             tf.convert_to_tensor(self._eps), "DualAscentFlow")
 
 
-@tf.function(reduce_retracing=True, autograph=False)
 def _run_steps(x, rotations, slope, shift, gamma, center, eps, inverse: bool):
     """All steps `x ← φ_t(U_t·x)` (or their inverses, last step first) in one while loop.
 
     Returns the point and the summed log-derivatives (negated for the inverse).
-    A `tf.function` so that eager calls do not dispatch every op of every step.
     """
     num_steps = tf.shape(rotations)[0]
     log_det = tf.zeros(tf.shape(x)[:-1], dtype=x.dtype)
@@ -432,3 +433,6 @@ def _run_steps(x, rotations, slope, shift, gamma, center, eps, inverse: bool):
         maximum_iterations=num_steps,
     )
     return x, log_det
+
+
+_run_steps_in_graph = tf.function(_run_steps, reduce_retracing=True, autograph=False)
