@@ -32,6 +32,7 @@ tfb = tfp.bijectors
 tfd = tfp.distributions
 
 TargetLogProb = Callable[[tf.Tensor], tf.Tensor]
+LearningRate = float | Callable[[tf.Tensor], tf.Tensor]
 
 _ADAM_BETA_1 = 0.9
 _ADAM_BETA_2 = 0.999
@@ -91,7 +92,7 @@ class _Adam:
     made of many tiny variables (a planar layer has three).
     """
 
-    def __init__(self, variables: Sequence[tf.Variable], learning_rate: float):
+    def __init__(self, variables: Sequence[tf.Variable], learning_rate: LearningRate):
         self.variables = list(variables)
         self.dtype = self.variables[0].dtype
         mismatched = [v.name for v in self.variables if v.dtype != self.dtype]
@@ -112,7 +113,11 @@ class _Adam:
         t = self.iterations + 1.0
         m = _ADAM_BETA_1 * self.first_moment + (1.0 - _ADAM_BETA_1) * gradient
         v = _ADAM_BETA_2 * self.second_moment + (1.0 - _ADAM_BETA_2) * tf.square(gradient)
-        step_size = self.learning_rate * tf.sqrt(1.0 - _ADAM_BETA_2**t) / (1.0 - _ADAM_BETA_1**t)
+        if callable(self.learning_rate):  # a schedule of the update count, e.g. a Keras schedule
+            learning_rate = tf.cast(self.learning_rate(self.iterations), self.dtype)
+        else:
+            learning_rate = tf.constant(self.learning_rate, self.dtype)
+        step_size = learning_rate * tf.sqrt(1.0 - _ADAM_BETA_2**t) / (1.0 - _ADAM_BETA_1**t)
         update = tf.where(apply, step_size * m / (tf.sqrt(v) + _ADAM_EPSILON), tf.zeros_like(m))
         self.iterations.assign(tf.where(apply, t, self.iterations))
         self.first_moment.assign(tf.where(apply, m, self.first_moment))
@@ -129,7 +134,7 @@ def fit(
     batch_size: int = 256,
     seed: int | None = None,
     *,
-    learning_rate: float = 1e-3,
+    learning_rate: LearningRate = 1e-3,
     annealing_steps: int | None = None,
     initial_beta: float = 0.01,
     base_distribution: tfd.Distribution | None = None,
@@ -142,7 +147,8 @@ def fit(
     Step `t` draws `z ~ base` (stateless, seeded by `(seed, t)`, so a seed fixes the run), sets
     `x = f(z)`, `log q(x) = log base(z) − log|det ∂f/∂z|` and takes an Adam step on
     `mean(log q(x) − β_t · log p̃(x))`, β_t from `inverse_temperature` (annealing over
-    `annealing_steps`, default `num_steps // 2`; 0 turns it off). `steps_per_call` steps run
+    `annealing_steps`, default `num_steps // 2`; 0 turns it off). `learning_rate` is a number or
+    a schedule of the step (e.g. `tf_keras.optimizers.schedules.CosineDecay`). `steps_per_call` steps run
     in one XLA-compiled `tf.while_loop`. The target is a TF function mapping `[batch, event_size]`
     to `[batch]`; it is checked on initial samples (shape, finiteness) before training. If a
     step's loss or gradient is not finite, training stops with `FloatingPointError` and the
