@@ -5,6 +5,7 @@ The numbers behind Rezende & Mohamed's Figure 3 (which only shows pictures). For
 `KL(q‖p) = E_q[log q − log p̃] + log Z` is estimated from 200 000 samples of q
 (`vi.exact_kl`, ± one Monte-Carlo standard error). U2–U4 carry the envelope `exp(−z1²/32)`.
 A second table repeats planar K = 32 on U1 over 5 seeds (target: KL < 0.05 nats for every seed).
+The K = 32 flows of the table are drawn to results/vi_energies.png (examples/vi_energies_figure.py).
 
 Run: .venv/bin/python benchmarks/vi_energies.py [--seeds-only | --table-only]
 """
@@ -14,6 +15,7 @@ import argparse
 import datetime
 import pathlib
 import platform
+import sys
 import time
 
 import numpy as np
@@ -39,6 +41,7 @@ SEED_CHECK_SEEDS = (0, 1, 2, 3, 4)
 SEED_CHECK_TARGET = 0.05
 LIBRARY_PLANAR_SEEDS = (0, 1)
 RESULTS = pathlib.Path(__file__).parent / "results" / "vi_energies.md"
+FIGURE = RESULTS.with_suffix(".png")
 
 
 def identity_planar_flow(event_size: int, num_layers: int, seed: int) -> tfb.Chain:
@@ -85,7 +88,7 @@ def fit_and_measure(energy: str, kind: str, num_layers: int, seed: int, log_z: f
     kl, standard_error = vi.exact_kl(result.distribution, target, log_z, KL_SAMPLES, seed=10_000 + seed)
     print(f"{energy} {kind} K={num_layers} seed={seed}: KL {kl:.4f} ± {standard_error:.4f} "
           f"({seconds:.0f} s)", flush=True)
-    return kl, standard_error
+    return kl, standard_error, result.distribution
 
 
 def training_line(training: dict) -> str:
@@ -96,7 +99,8 @@ def training_line(training: dict) -> str:
     )
 
 
-def kl_table(log_z: dict[str, float]) -> str:
+def kl_table(log_z: dict[str, float], fitted: dict) -> str:
+    """The 4 × 9 table; `fitted[energy]` collects `(title, q)` of the K = 32 flows for the figure."""
     columns = [(kind, k) for kind in ("planar", "radial", "IAF") for k in NUM_LAYERS]
     lines = [
         f"Exact KL(q‖p) in nats (± MC standard error, {KL_SAMPLES} samples), seed 0; "
@@ -107,9 +111,12 @@ def kl_table(log_z: dict[str, float]) -> str:
     ]
     for energy in ENERGIES:
         cells = []
+        fitted[energy] = []
         for kind, k in columns:
-            kl, standard_error = fit_and_measure(energy, kind, k, 0, log_z[energy], TABLE_TRAINING)
+            kl, standard_error, q = fit_and_measure(energy, kind, k, 0, log_z[energy], TABLE_TRAINING)
             cells.append(f"{kl:.3f} ± {standard_error:.3f}")
+            if k == max(NUM_LAYERS):
+                fitted[energy].append((f"{kind} K={k}: KL {kl:.3f}", q))
         lines.append(f"| {energy} | {log_z[energy]:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -117,7 +124,7 @@ def kl_table(log_z: dict[str, float]) -> str:
 def seed_table(log_z_u1: float) -> str:
     rows = []
     for kind, seeds in (("planar", SEED_CHECK_SEEDS), ("flows.planar_flow", LIBRARY_PLANAR_SEEDS)):
-        results = {seed: fit_and_measure("U1", kind, 32, seed, log_z_u1, SEED_TRAINING) for seed in seeds}
+        results = {seed: fit_and_measure("U1", kind, 32, seed, log_z_u1, SEED_TRAINING)[:2] for seed in seeds}
         kls = np.array([kl for kl, _ in results.values()])
         cells = [f"{results[s][0]:.4f} ± {results[s][1]:.4f}" if s in results else "—" for s in SEED_CHECK_SEEDS]
         spread = f"{kls.mean():.4f} ± {kls.std(ddof=1):.4f}" if len(kls) > 1 else f"{kls.mean():.4f}"
@@ -150,7 +157,12 @@ def main() -> None:
     if not args.table_only:
         sections.append(seed_table(log_z["U1"]))
     if not args.seeds_only:
-        sections.append(kl_table(log_z))
+        fitted = {}
+        sections.append(kl_table(log_z, fitted))
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+        from vi_energies_figure import plot_densities
+
+        plot_densities(fitted, log_z, FIGURE)
     minutes = (time.perf_counter() - started) / 60
     header = (
         f"# VI on the energies U1–U4: exact KL\n\n{datetime.date.today().isoformat()}, 2 CPU cores, "
