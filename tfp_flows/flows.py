@@ -38,17 +38,23 @@ def _check_positive(**values: int) -> None:
 def planar_flow(
     event_size: int, num_layers: int, seed: int | None = None, dtype=tf.float32
 ) -> tfb.Chain:
-    """`num_layers` Planar bijectors with free variables `u`, `w` (N(0, 0.1²)), `b = 0`.
+    """`num_layers` Planar bijectors, each starting close to the identity.
 
-    Invertibility needs no constraint on the variables: `Planar` reparametrises `u`.
+    `w ~ N(0, I)`; `u = s·w/‖w‖² + 0.01·N(0, I)` with `softplus(s) = 1`, so that
+    `wᵀû = m(wᵀu) ≈ 0` and `û ≈ 0.01·N(0, I)`: every layer starts as a small
+    perturbation of the identity. Invertibility needs no constraint on the
+    variables: `Planar` reparametrises `u`.
     """
     _check_positive(event_size=event_size, num_layers=num_layers)
     rng = np.random.default_rng(seed)
     np_dtype = tf.as_dtype(dtype).as_numpy_dtype
+    neutral = np.log(np.expm1(1.0))  # m(s) = softplus(s) - 1 = 0
     layers = []
     for k in range(num_layers):
-        u = tf.Variable(0.1 * rng.standard_normal(event_size).astype(np_dtype), name=f"u_{k}")
-        w = tf.Variable(0.1 * rng.standard_normal(event_size).astype(np_dtype), name=f"w_{k}")
+        w0 = rng.standard_normal(event_size)
+        u0 = neutral * w0 / np.dot(w0, w0) + 0.01 * rng.standard_normal(event_size)
+        u = tf.Variable(u0.astype(np_dtype), name=f"u_{k}")
+        w = tf.Variable(w0.astype(np_dtype), name=f"w_{k}")
         b = tf.Variable(np.zeros((), np_dtype), name=f"b_{k}")
         layers.append(Planar(u, w, b, name=f"planar_{k}"))
     return tfb.Chain(layers, name="planar_flow")

@@ -206,24 +206,30 @@ class FlowModel(tf_keras.Model):
                 "Give the bijector tf.Variables (see tfp_flows.flows) and use tf_keras, not keras 3."
             )
 
-    def _prepare(self, data, name: str):
-        if isinstance(data, tf.data.Dataset):
-            spec = data.element_spec
-            if not isinstance(spec, tf.TensorSpec):
-                raise ValueError(
-                    f"{name}: a dataset for FlowModel must yield single tensors of shape "
-                    f"[batch, {', '.join(map(str, self._event_shape))}]; given elements {spec}."
-                )
-            if not spec.shape[1:].is_compatible_with(self._event_shape):
-                raise ValueError(
-                    f"{name}: dataset elements must have shape [batch, "
-                    f"{', '.join(map(str, self._event_shape))}]; given {spec.shape.as_list()}."
-                )
-            message = f"{name}: the dataset holds NaN or inf values."
-            return data.map(lambda x: tf.debugging.assert_all_finite(x, message))
-        array = check_samples(data, self._event_shape, name)
-        # A tensor, not an array: Keras would cast float64 arrays to float32.
-        return tf.constant(array, self._distribution.dtype)
+    def _checked_dataset(self, data: tf.data.Dataset, name: str) -> tf.data.Dataset:
+        spec = data.element_spec
+        if not isinstance(spec, tf.TensorSpec):
+            raise ValueError(
+                f"{name}: a dataset for FlowModel must yield single tensors of shape "
+                f"[batch, {', '.join(map(str, self._event_shape))}]; given elements {spec}."
+            )
+        if not spec.shape[1:].is_compatible_with(self._event_shape):
+            raise ValueError(
+                f"{name}: dataset elements must have shape [batch, "
+                f"{', '.join(map(str, self._event_shape))}]; given {spec.shape.as_list()}."
+            )
+        message = f"{name}: the dataset holds NaN or inf values."
+        return data.map(lambda x: tf.debugging.assert_all_finite(x, message))
+
+    def _batched(self, array: np.ndarray, batch_size: int, shuffle: bool) -> tf.data.Dataset:
+        """Batches of equal size (the remainder is dropped when shuffling), so that
+        XLA compiles the step for one shape only; a tensor, not an array, so that
+        Keras does not cast float64 data to float32."""
+        data = tf.data.Dataset.from_tensor_slices(tf.constant(array, self._distribution.dtype))
+        if shuffle:
+            data = data.shuffle(len(array), reshuffle_each_iteration=True)
+        drop = shuffle and len(array) >= batch_size
+        return data.batch(batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
 
     def fit(
         self,
@@ -238,6 +244,10 @@ class FlowModel(tf_keras.Model):
     ):
         """Maximise the likelihood of `x` (a NumPy array or a `tf.data.Dataset`).
 
+        Arrays are checked (shape, finiteness), shuffled each epoch and cut into
+        batches of `batch_size` (default 32); `validation_split` holds out the last
+        fraction of the rows, as Keras does.
+
         `patience=k` adds `EarlyStopping` on the validation NLL (the training NLL
         when there is no validation data) that restores the best weights.
         Other keyword arguments go to `tf_keras.Model.fit`.
@@ -246,30 +256,40 @@ class FlowModel(tf_keras.Model):
             raise ValueError("FlowModel.fit needs data `x` of shape [N, *event_shape].")
         if "y" in kwargs:
             raise ValueError("FlowModel trains on data only; do not pass `y`.")
-        x = self._prepare(x, "x")
-        if validation_data is not None:
-            if isinstance(validation_data, tuple) and len(validation_data) == 1:
-                validation_data = validation_data[0]
-            validation_data = self._prepare(validation_data, "validation_data")
-            if not isinstance(validation_data, tf.data.Dataset):
-                validation_data = (validation_data,)
+        if isinstance(validation_data, tuple) and len(validation_data) == 1:
+            validation_data = validation_data[0]
+        if isinstance(x, tf.data.Dataset):
+            if validation_split:
+                raise ValueError("validation_split needs array data; with a dataset give validation_data.")
+            train = self._checked_dataset(x, "x")
+        else:
+            array = check_samples(x, self._event_shape, "x")
+            if validation_split:
+                # As Keras does: the last fraction of the rows, before any shuffling.
+                held_out = int(len(array) * validation_split)
+                if not 0 < held_out < len(array) or validation_data is not None:
+                    raise ValueError(
+                        "validation_split must hold out between 1 and N - 1 rows and cannot be "
+                        f"combined with validation_data; given {validation_split} of {len(array)} rows."
+                    )
+                array, validation_data = array[:-held_out], array[-held_out:]
+            train = self._batched(array, batch_size or 32, kwargs.pop("shuffle", True))
+        if isinstance(validation_data, tf.data.Dataset):
+            validation_data = self._checked_dataset(validation_data, "validation_data")
+        elif validation_data is not None:
+            held_out = check_samples(validation_data, self._event_shape, "validation_data")
+            validation_data = self._batched(held_out, min(len(held_out), 8192), shuffle=False)
         if not self._is_compiled:
             self.compile()
         self._check_trainable()
         callbacks = list(callbacks or []) + [_StopOnNonFinite()]
         if patience is not None:
-            monitor = "val_nll" if (validation_data is not None or validation_split) else "nll"
+            monitor = "nll" if validation_data is None else "val_nll"
             callbacks.append(
                 tf_keras.callbacks.EarlyStopping(
                     monitor=monitor, patience=int(patience), mode="min", restore_best_weights=True
                 )
             )
         return super().fit(
-            x,
-            epochs=epochs,
-            batch_size=batch_size,
-            validation_split=validation_split,
-            validation_data=validation_data,
-            callbacks=callbacks,
-            **kwargs,
+            train, epochs=epochs, validation_data=validation_data, callbacks=callbacks, **kwargs
         )
