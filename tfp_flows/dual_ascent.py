@@ -199,10 +199,12 @@ def trainable_bijector(result: DualAscentResult) -> tfb.Chain:
 
     Rotations, ε and the whitening stay constants (a rotation must stay orthogonal for
     its log-det to be 0). `DualAscentFlow` projects the variables onto the valid set,
-    so any value SGD reaches is an invertible map. Train it on `static_batches(x, ...)`:
+    so any value SGD reaches is an invertible map. Batches must have a static size:
     XLA cannot compile the gradient of the steps' while loop when the batch size is
     unknown at tracing time (TF then needs run-time shape arithmetic inside the loop).
-    The steps compose, so the learning rate must be small (Adam 3e-5 on 8gaussians).
+    `FlowModel.fit` on arrays batches them so; for a `tf.data.Dataset` use
+    `static_batches`. The steps compose, so the learning rate must be small (Adam 3e-5
+    on 8gaussians).
     """
     flow = result.flow
     variables = {
@@ -216,7 +218,7 @@ def trainable_bijector(result: DualAscentResult) -> tfb.Chain:
 def static_batches(x, batch_size: int, seed: int | None = None) -> tf.data.Dataset:
     """Shuffled batches of `x` with a static batch size (`drop_remainder=True`), one epoch.
 
-    Use it to fine-tune `trainable_bijector(result)` with `FlowModel.fit` under XLA.
+    Use it to fine-tune `trainable_bijector(result)` under XLA from a dataset.
     """
     array = np.asarray(x)
     if batch_size < 1 or batch_size > len(array):
