@@ -54,7 +54,7 @@ class VIResult:
     seconds_per_step: float
 
 
-def inverse_temperature(step, annealing_steps: int, initial_beta: float):
+def inverse_temperature(step, annealing_steps: int, initial_beta: float) -> tf.Tensor:
     """Annealing schedule `β_t = min(1, β_0 + (1 − β_0) · t / annealing_steps)`; 1 when annealing_steps = 0."""
     if annealing_steps <= 0:
         return tf.ones_like(tf.cast(step, tf.float32))
@@ -89,7 +89,8 @@ class _Adam:
     `m ← β1 m + (1 − β1) g`, `v ← β2 v + (1 − β2) g²`,
     `θ ← θ − lr · √(1 − β2^t) / (1 − β1^t) · m / (√v + ε)`; with `apply=False` nothing changes.
     One flat state (instead of one per variable) keeps the compiled loop small for flows
-    made of many tiny variables (a planar layer has three).
+    made of many tiny variables (a planar layer has three). Variable constraints are applied
+    after each update, as Keras optimizers do.
     """
 
     def __init__(self, variables: Sequence[tf.Variable], learning_rate: LearningRate):
@@ -124,6 +125,10 @@ class _Adam:
         self.second_moment.assign(tf.where(apply, v, self.second_moment))
         for variable, piece in zip(self.variables, tf.split(update, self.sizes)):
             variable.assign_sub(tf.reshape(piece, variable.shape))
+            if getattr(variable, "constraint", None) is not None:
+                # e.g. the masks of TFP's AutoregressiveNetwork kernels: without them an IAF
+                # loses its triangular Jacobian and its log-det formula becomes wrong.
+                variable.assign(variable.constraint(variable))
 
 
 def fit(
@@ -149,7 +154,8 @@ def fit(
     `mean(log q(x) − β_t · log p̃(x))`, β_t from `inverse_temperature` (annealing over
     `annealing_steps`, default `num_steps // 2`; 0 turns it off). `learning_rate` is a number or
     a schedule of the step (e.g. `tf_keras.optimizers.schedules.CosineDecay`). `steps_per_call` steps run
-    in one XLA-compiled `tf.while_loop`. The target is a TF function mapping `[batch, event_size]`
+    in one XLA-compiled `tf.while_loop`; the progress bar shows their mean ELBO. `dtype` is that of
+    the default base (a given `base_distribution` sets its own). The target is a TF function mapping `[batch, event_size]`
     to `[batch]`; it is checked on initial samples (shape, finiteness) before training. If a
     step's loss or gradient is not finite, training stops with `FloatingPointError` and the
     variables keep the values of the last finite step.
@@ -178,6 +184,7 @@ def fit(
             f"base_distribution must have event shape [{event_size}] (event_size); given "
             f"{base_distribution.event_shape.as_list()}."
         )
+    dtype = tf.as_dtype(base_distribution.dtype)
     distribution = tfd.TransformedDistribution(base_distribution, bijector)
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
@@ -242,16 +249,18 @@ def fit(
             timed_seconds += time.perf_counter() - started
         if not bool(finite):
             failed_step = done + steps_done - 1
+            kept = f"after step {failed_step - 1}" if failed_step > 0 else "from before training"
             raise FloatingPointError(
                 f"the VI loss or its gradient became NaN/inf at step {failed_step} of {num_steps}; "
-                f"the flow's variables keep their values after step {failed_step - 1}. Check where "
-                "target_log_prob is finite, or lower learning_rate."
+                f"the flow's variables keep their values {kept}. Check where target_log_prob is "
+                "finite, or lower learning_rate."
             )
         history[done : done + steps_done] = chunk_history.numpy()[:steps_done]
         done += steps_done
         if progress is not None:
             beta = float(inverse_temperature(done - 1, annealing_steps, initial_beta))
-            progress.update(done, values=[("elbo", float(history[done - 1])), ("beta", beta)])
+            chunk_elbo = float(np.mean(history[done - steps_done : done]))
+            progress.update(done, values=[("elbo", chunk_elbo), ("beta", beta)])
     seconds_per_step = timed_seconds / timed_steps if timed_steps else float("nan")
     return VIResult(distribution=distribution, history=history, seconds_per_step=seconds_per_step)
 
