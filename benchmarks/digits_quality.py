@@ -152,6 +152,10 @@ def train_and_score(bijector, event_shape, train, validation, test, args, fresh_
     `fresh_noise`: re-draw the dequantization noise of every training batch (digits).
     Validation and test data keep their fixed dequantization.
     """
+    # Data-dependent initialisations see a real batch first: TFP's tfb.Glow ActNorm
+    # initialises on its first call in either direction, and FlowModel's build pass is a
+    # forward call on zeros, which would set its scales from zero variance.
+    bijector.inverse(tf.constant(train[: args.batch_size]))
     model = FlowModel(bijector, event_shape=event_shape)
     model.compile(learning_rate=args.learning_rate, jit_compile=True)
     # Fixed-size batches for every model: TFP's tfb.Glow cannot trace log_prob on a
