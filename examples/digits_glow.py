@@ -60,7 +60,7 @@ def main() -> None:
     grid = np.concatenate([test[:32], samples], axis=0)
     path = plot_image_grid(
         grid, args.output, nrow=8,
-        title=f"top: real test digits; bottom: Glow samples ({bpd:.2f} bits/dim)",
+        title=f"top: real digits, bottom: Glow ({bpd:.2f} bpd)",
     )
     print(f"wrote {path}")
 

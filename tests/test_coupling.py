@@ -168,7 +168,8 @@ def test_bad_arguments_name_expected_and_given():
 def test_vector_builders_are_exact_bijections(builder, event_size):
     from tfp_flows import flows
 
-    flow = getattr(flows, builder)(event_size, num_couplings=3, hidden_units=[8], seed=0, dtype=tf.float64)
+    build = getattr(flows, builder)
+    flow = build(event_size, num_couplings=3, hidden_units=[8], seed=0, dtype=tf.float64)
     rng = np.random.default_rng(0)
     for variable in flow.trainable_variables:  # leave the identity start
         variable.assign_add(0.3 * rng.normal(size=variable.shape))
@@ -203,7 +204,8 @@ def test_vector_builders_train_with_fit_under_xla(builder):
     from tfp_flows.datasets import toy
 
     data = toy("moons", 1024, seed=0)
-    model = FlowModel(getattr(flows, builder)(2, num_couplings=4, hidden_units=[32, 32], seed=0), event_shape=[2])
+    flow = getattr(flows, builder)(2, num_couplings=4, hidden_units=[32, 32], seed=0)
+    model = FlowModel(flow, event_shape=[2])
     assert len(model.trainable_variables) == len(model.bijector.trainable_variables) > 0
     model.compile(learning_rate=5e-3, jit_compile=True)
     history = model.fit(data, epochs=15, batch_size=64, verbose=0).history["nll"]
