@@ -6,27 +6,9 @@ import tensorflow_probability as tfp
 import tf_keras
 
 from tfp_flows.bijectors import AdditiveCoupling, AffineCoupling, NICERescale
+from flow_checks import autodiff_log_det, fresh
 
 tfb = tfp.bijectors
-
-
-def fresh(x):
-    """A new tensor with the same values, so TFP's bijector cache cannot answer."""
-    return tf.constant(np.asarray(x))
-
-
-def autodiff_log_det(bijector, z):
-    """`log|det ∂forward/∂z|` per batch member from the autodiff Jacobian (events flattened)."""
-    n = z.shape[0]
-    event_shape = list(z.shape[1:])
-    flat = tf.reshape(z, [n, -1])
-    with tf.GradientTape() as tape:
-        tape.watch(flat)
-        x = tf.reshape(bijector.forward(tf.reshape(flat, [n] + event_shape)), [n, -1])
-    jacobian = tape.batch_jacobian(x, flat)
-    sign, log_abs = tf.linalg.slogdet(jacobian)
-    assert np.all(sign.numpy() != 0)
-    return log_abs.numpy()
 
 
 def dense_conditioner(num_in, num_out, dtype, seed=0):

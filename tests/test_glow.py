@@ -7,28 +7,10 @@ import tf_keras
 
 from tfp_flows import FlowModel
 from tfp_flows.bijectors import ActNorm, Invertible1x1Conv, Squeeze, factor_out
+from flow_checks import autodiff_log_det, fresh
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
-
-
-def fresh(x):
-    """A new tensor with the same values, so TFP's bijector cache cannot answer."""
-    return tf.constant(np.asarray(x))
-
-
-def autodiff_log_det(bijector, z):
-    """`log|det ∂forward/∂z|` per batch member from the autodiff Jacobian (images flattened)."""
-    n = z.shape[0]
-    event_shape = list(z.shape[1:])
-    flat = tf.reshape(z, [n, -1])
-    with tf.GradientTape() as tape:
-        tape.watch(flat)
-        x = tf.reshape(bijector.forward(tf.reshape(flat, [n] + event_shape)), [n, -1])
-    jacobian = tape.batch_jacobian(x, flat)
-    sign, log_abs = tf.linalg.slogdet(jacobian)
-    assert np.all(sign.numpy() != 0)
-    return log_abs.numpy()
 
 
 def initialised_act_norm(channels, dtype):

@@ -5,6 +5,7 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flow_checks import fresh
 from tfp_flows.bijectors import Planar, Radial
 
 TOLERANCE = {np.float64: 1e-6, np.float32: 1e-4}
@@ -27,11 +28,6 @@ def wide_points(rng, n, dim, dtype, radius=100.0):
     directions = rng.standard_normal((n, dim))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     return (directions * rng.uniform(0, radius, (n, 1))).astype(dtype)
-
-
-def fresh(array):
-    """A new tensor, so that TFP's forward/inverse cache cannot answer."""
-    return tf.constant(np.array(array))
 
 
 def relative_error(a, b):
