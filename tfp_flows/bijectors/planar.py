@@ -5,6 +5,7 @@ import tensorflow as tf
 from tensorflow_probability.python.bijectors import bijector
 from tensorflow_probability.python.internal import (
     assert_util,
+    cache_util,
     dtype_util,
     parameter_properties,
     tensor_util,
@@ -114,13 +115,31 @@ class Planar(bijector.AutoCompositeTensorBijector):
         u_hat = u + ((c - wu) / w_norm_sq)[..., tf.newaxis] * w
         return u_hat, w, b, c
 
-    def _forward(self, z):
+    # `forward` runs `_augmented_forward`, which also returns the log-det: TFP's
+    # greedy-attribute cache keeps it (as `ildj`, the key the base class reads) with
+    # the result, so `sample_and_log_prob` computes `û`, `c` and `tanh(wᵀz + b)` once
+    # per layer, and its gradient takes one path through them instead of two.
+    _cache = cache_util.BijectorCacheWithGreedyAttrs(
+        forward_name="_augmented_forward", inverse_name="_augmented_inverse"
+    )
+
+    def _augmented_forward(self, z):
+        """`(x, {"ildj": −log-det})` from one evaluation of `û`, `c` and `tanh(wᵀz + b)`."""
         check_event_size(z, self._event_size, "z", self.name)
-        u_hat, w, b, _ = self._params()
+        u_hat, w, b, c = self._params()
         h = tf.tanh(tf.reduce_sum(w * z, axis=-1) + b)
-        return z + u_hat * h[..., tf.newaxis]
+        log_det = tf.math.log1p((1.0 - tf.square(h)) * c)
+        return z + u_hat * h[..., tf.newaxis], {"ildj": -log_det}
+
+    def _augmented_inverse(self, x):
+        # The inverse's log-det stays `−fldj(z)` at the returned `z` (computed on request).
+        return self._inverse(x), None
+
+    def _forward(self, z):
+        return self._augmented_forward(z)[0]
 
     def _forward_log_det_jacobian(self, z):
+        # Reached only for a `z` that `forward` has not seen (e.g. `log_prob`'s `z = inverse(x)`).
         _, w, b, c = self._params()
         h = tf.tanh(tf.reduce_sum(w * z, axis=-1) + b)
         return tf.math.log1p((1.0 - tf.square(h)) * c)
