@@ -23,27 +23,24 @@ def _is_keras3(obj) -> bool:
 
 
 class _StopOnNonFinite(tf_keras.callbacks.Callback):
-    """Stops training with a clear error as soon as a reported NLL is NaN or inf.
+    """Raises a clear error at the end of an epoch whose NLL is NaN or inf.
 
     The training step never applies a non-finite gradient, so the weights the
     model holds when the error is raised are those of the last finite step.
+    The check runs per epoch, not per batch: a batch-level hook would make
+    Keras wait for every step before dispatching the next.
     """
 
-    def _check(self, logs, where):
+    def on_epoch_end(self, epoch, logs=None):
         for key in ("nll", "val_nll"):
             value = (logs or {}).get(key)
             if value is not None and not math.isfinite(float(value)):
                 self.model.stop_training = True
                 raise FloatingPointError(
-                    f"FlowModel: the {key} became {value} {where}. The weights were kept at "
-                    "the last finite step; lower the learning rate or check the data."
+                    f"FlowModel: the {key} became {value} in epoch {epoch + 1}. Non-finite steps "
+                    "were not applied, so the weights are those of the last finite step; lower "
+                    "the learning rate or check the data."
                 )
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._check(logs, f"at training batch {batch}")
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._check(logs, f"at the end of epoch {epoch + 1}")
 
 
 class FlowModel(tf_keras.Model):
