@@ -127,8 +127,7 @@ class Planar(bijector.AutoCompositeTensorBijector):
         """`(x, {"ildj": −log-det})` from one evaluation of `û`, `c` and `tanh(wᵀz + b)`."""
         check_event_size(z, self._event_size, "z", self.name)
         u_hat, w, b, c = self._params()
-        h = tf.tanh(tf.reduce_sum(w * z, axis=-1) + b)
-        log_det = tf.math.log1p((1.0 - tf.square(h)) * c)
+        h, log_det = self._activation_and_log_det(z, w, b, c)
         return z + u_hat * h[..., tf.newaxis], {"ildj": -log_det}
 
     def _augmented_inverse(self, x):
@@ -141,8 +140,13 @@ class Planar(bijector.AutoCompositeTensorBijector):
     def _forward_log_det_jacobian(self, z):
         # Reached only for a `z` that `forward` has not seen (e.g. `log_prob`'s `z = inverse(x)`).
         _, w, b, c = self._params()
+        return self._activation_and_log_det(z, w, b, c)[1]
+
+    @staticmethod
+    def _activation_and_log_det(z, w, b, c):
+        """`h = tanh(wᵀz + b)` and the log-det `log(1 + (1 − h²) · c)`."""
         h = tf.tanh(tf.reduce_sum(w * z, axis=-1) + b)
-        return tf.math.log1p((1.0 - tf.square(h)) * c)
+        return h, tf.math.log1p((1.0 - tf.square(h)) * c)
 
     def _inverse(self, x):
         check_event_size(x, self._event_size, "x", self.name)
