@@ -181,10 +181,26 @@ class Invertible1x1Conv(tfb.Bijector):
         return self._permutation @ lower @ upper
 
     def inverse_weight(self) -> tf.Tensor:
-        """`W^-1 = U^-1 L^-1 P^T` by two triangular solves."""
+        """`W^-1 = U^-1 L^-1 P^T` by two triangular solves.
+
+        Its gradient uses `d(W^-1) = -W^-1 dW W^-1` (two matmuls, then autodiff of
+        `W = P L U`) instead of differentiating the solves, which XLA lowers to loops.
+        """
         lower, upper = self._factors()
-        solved = tf.linalg.triangular_solve(lower, tf.transpose(self._permutation), lower=True)
-        return tf.linalg.triangular_solve(upper, solved, lower=False)
+        permutation = self._permutation
+
+        @tf.custom_gradient
+        def invert(weight):
+            solved = tf.linalg.triangular_solve(lower, tf.transpose(permutation), lower=True)
+            inverse = tf.linalg.triangular_solve(upper, solved, lower=False)
+
+            def gradient(upstream):
+                inverse_t = tf.transpose(inverse)
+                return -(inverse_t @ upstream @ inverse_t)
+
+            return inverse, gradient
+
+        return invert(permutation @ lower @ upper)
 
     def _forward(self, z):
         _check_channels(self.name, z, self._channels)
