@@ -194,8 +194,15 @@ def test_glow_starts_orthogonal_and_owns_its_variables():
     from tfp_flows.flows import glow
 
     flow = glow([8, 8, 2], levels=2, steps_per_level=1, hidden_channels=4, seed=0)
-    # per step: ActNorm 2, conv 3, coupling network 3 convs x (kernel, bias)
-    assert len(flow.trainable_variables) == 2 * (2 + 3 + 6)
+    # One variable per part and step: ActNorm [2, C], the 1x1 conv's packed LU [C, C], and
+    # the coupling network's 3x3 conv, 1x1 conv and 3x3 conv (kernels and biases).
+    def step_sizes(channels, hidden=4):
+        half = channels // 2
+        network = 9 * half * hidden + hidden + hidden * hidden + hidden + 9 * hidden * channels + channels
+        return [2 * channels, channels * channels, network]
+
+    sizes = sorted(int(np.prod(v.shape)) for v in flow.trainable_variables)
+    assert sizes == sorted(step_sizes(8) + step_sizes(16))
     z = tf.random.normal([2, 8, 8, 2], seed=4)
     x = flow.forward(z)
     # ActNorm and the couplings start at the identity, the 1x1 convs at rotations and the

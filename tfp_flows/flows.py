@@ -23,6 +23,7 @@ from tfp_flows.bijectors import (
     Squeeze,
     factor_out,
 )
+from tfp_flows.networks import GlowNetwork
 
 tfb = tfp.bijectors
 
@@ -193,23 +194,6 @@ def _dense_conditioner(
     return tf_keras.Sequential(layers, name=name)
 
 
-def _conv_conditioner(
-    input_shape: Sequence[int], num_outputs: int, hidden_channels: int, dtype, name: str
-) -> tf_keras.Sequential:
-    """Glow's coupling network: 3x3 conv, 1x1 conv (ReLU), zero-initialised 3x3 conv."""
-    return tf_keras.Sequential(
-        [
-            tf_keras.Input(shape=tuple(input_shape), dtype=dtype),
-            tf_keras.layers.Conv2D(hidden_channels, 3, padding="same", activation="relu", dtype=dtype),
-            tf_keras.layers.Conv2D(hidden_channels, 1, activation="relu", dtype=dtype),
-            tf_keras.layers.Conv2D(
-                num_outputs, 3, padding="same", kernel_initializer="zeros", dtype=dtype
-            ),
-        ],
-        name=name,
-    )
-
-
 def _half_swapping_permutation(event_size: int, rng: np.random.Generator) -> tfb.Permute:
     """A fixed permutation whose inverse moves the transformed half to the front, shuffled.
 
@@ -322,7 +306,7 @@ def glow(
             f"glow: image height and width must be divisible by 2**levels = {factor} "
             f"(each level squeezes by 2); given image_shape {list(image_shape)}, levels={levels}."
         )
-    seeds = iter(np.random.default_rng(seed).integers(0, 2**31 - 1, size=levels * steps_per_level))
+    seeds = iter(np.random.default_rng(seed).integers(0, 2**31 - 1, size=2 * levels * steps_per_level))
 
     def level(index: int, shape: tuple[int, int, int]) -> tfb.Chain:
         h, w, c = shape
@@ -330,12 +314,14 @@ def glow(
         steps = []
         for k in range(steps_per_level):
             tag = f"{index}_{k}"
-            network = _conv_conditioner(
-                (h // 2, w // 2, 2 * c), 4 * c, hidden_channels, dtype, name=f"glow_net_{tag}"
+            network = GlowNetwork(
+                2 * c, 4 * c, hidden_channels, seed=int(next(seeds)), dtype=dtype, name=f"glow_net_{tag}"
             )
             steps += [
                 ActNorm(4 * c, dtype=dtype, name=f"act_norm_{tag}"),
-                Invertible1x1Conv(4 * c, seed=int(next(seeds)), dtype=dtype, name=f"conv1x1_{tag}"),
+                tfb.Invert(
+                    Invertible1x1Conv(4 * c, seed=int(next(seeds)), dtype=dtype, name=f"conv1x1_{tag}")
+                ),
                 AffineCoupling(network, 2 * c, event_ndims=3, name=f"affine_coupling_{tag}"),
             ]
         parts = [tfb.Invert(Squeeze()), *steps]

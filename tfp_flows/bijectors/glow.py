@@ -33,12 +33,14 @@ class ActNorm(tfb.Bijector):
     """Per-channel affine `x = (z + bias) * exp(log_scale)`; log-det `H W sum(log_scale)`.
 
     Acts on the last axis (one entry per channel; any number of leading event axes).
+    Both parameters live in one variable `bias_log_scale` (`[2, channels]`).
     Data-dependent initialisation: the first `inverse` call (data to latent, the
     direction `log_prob` uses, so the first training batch in `fit`) sets
     `log_scale = log std(x)` and `bias = mean(x) / std(x)` per channel, so that batch
-    leaves with zero mean and unit variance. The init is branch-free (`tf.where` on a
-    non-trainable flag), so it compiles under `jit_compile=True`. Until then the layer
-    is the identity.
+    leaves with zero mean and unit variance. The init sits in a `tf.cond` on a
+    non-trainable flag and sees the batch through `stop_gradient`, so it compiles under
+    `jit_compile=True` and adds nothing to the gradient. Until then the layer is the
+    identity.
     """
 
     def __init__(
@@ -55,8 +57,7 @@ class ActNorm(tfb.Bijector):
         with tf.name_scope(name) as scope:
             self._channels = int(channels)
             self._epsilon = float(epsilon)
-            self._bias = tf.Variable(tf.zeros([channels], dtype), name="bias")
-            self._log_scale = tf.Variable(tf.zeros([channels], dtype), name="log_scale")
+            self._bias_log_scale = tf.Variable(tf.zeros([2, channels], dtype), name="bias_log_scale")
             self._initialized = tf.Variable(
                 tf.zeros([], dtype), trainable=False, name="initialized"
             )
@@ -70,12 +71,21 @@ class ActNorm(tfb.Bijector):
             )
 
     @property
-    def bias(self) -> tf.Variable:
-        return self._bias
+    def bias_log_scale(self) -> tf.Variable:
+        """The one trainable variable, `[2, channels]`: row 0 `bias`, row 1 `log_scale`."""
+        return self._bias_log_scale
 
     @property
-    def log_scale(self) -> tf.Variable:
-        return self._log_scale
+    def bias(self) -> tf.Tensor:
+        return self._bias_log_scale[0]
+
+    @property
+    def log_scale(self) -> tf.Tensor:
+        return self._bias_log_scale[1]
+
+    def _bias_and_log_scale(self) -> tuple[tf.Tensor, tf.Tensor]:
+        bias, log_scale = tf.unstack(tf.convert_to_tensor(self._bias_log_scale))
+        return bias, log_scale
 
     @property
     def initialized(self) -> tf.Variable:
@@ -86,41 +96,52 @@ class ActNorm(tfb.Bijector):
     def _parameter_properties(cls, dtype):
         return {}
 
-    def _initialize_from(self, x: tf.Tensor) -> list:
-        """Assign the data-dependent values, or keep the current ones once initialised."""
-        axes = list(range(x.shape.rank - 1))
-        mean, variance = tf.nn.moments(x, axes=axes)
-        init_log_scale = 0.5 * tf.math.log(variance + self._epsilon)
-        init_bias = mean * tf.exp(-init_log_scale)
-        done = self._initialized > 0.5
-        return [
-            self._log_scale.assign(tf.where(done, self._log_scale, init_log_scale)),
-            self._bias.assign(tf.where(done, self._bias, init_bias)),
-            self._initialized.assign(tf.ones([], self._initialized.dtype)),
-        ]
+    def _initialize_once(self, x: tf.Tensor) -> tf.Tensor:
+        """Set the data-dependent values from `x` unless already initialised."""
+        batch = tf.stop_gradient(x)
+
+        def initialize():
+            mean, variance = tf.nn.moments(batch, axes=list(range(batch.shape.rank - 1)))
+            log_scale = 0.5 * tf.math.log(variance + self._epsilon)
+            with tf.control_dependencies([
+                self._bias_log_scale.assign(tf.stack([mean * tf.exp(-log_scale), log_scale])),
+                self._initialized.assign(tf.ones([], self._initialized.dtype)),
+            ]):
+                return tf.constant(True)
+
+        return tf.cond(self._initialized > 0.5, lambda: tf.constant(False), initialize)
 
     def _forward(self, z):
         _check_channels(self.name, z, self._channels)
-        return (z + self._bias) * tf.exp(self._log_scale)
+        bias, log_scale = self._bias_and_log_scale()
+        return (z + bias) * tf.exp(log_scale)
 
     def _inverse(self, x):
         _check_channels(self.name, x, self._channels)
-        with tf.control_dependencies(self._initialize_from(x)):
-            return x * tf.exp(-self._log_scale) - self._bias
+        with tf.control_dependencies([self._initialize_once(x)]):
+            bias, log_scale = self._bias_and_log_scale()
+            return x * tf.exp(-log_scale) - bias
 
     def _forward_log_det_jacobian(self, z):
-        return tf.reduce_sum(self._log_scale)
+        return tf.reduce_sum(self._bias_log_scale[1])
 
 
 class Invertible1x1Conv(tfb.Bijector):
-    """Invertible 1x1 convolution `x = W z` per position, `W = P L (U + diag(sign * exp(log_abs_s)))`.
+    """Invertible 1x1 convolution `x = W z` per position, `W = P L U`.
 
-    `P` is a constant permutation, `L` unit lower-triangular and `U` strictly upper
-    triangular (trainable), `log_abs_s` trainable: `W` is non-singular for any value
-    of the variables. Log-det `H W sum(log_abs_s)` (per position `sum(log_abs_s)`,
-    summed by TFP over the spatial axes). The inverse uses two triangular solves on
-    `C x C` matrices; no determinant or general matrix inverse is computed.
-    Initialised at a random rotation (the LU factors of a QR-orthogonal matrix).
+    `P` is a constant permutation, `L` unit lower-triangular and `U` upper-triangular
+    with diagonal `sign * exp(log|s|)` (`sign` fixed at initialisation). All trainable
+    entries live in one `C x C` variable `lower_upper`, as in TFP's `ScaleMatvecLU`:
+    strictly below the diagonal `L`, strictly above it `U`, and on it `log|s|`, so `W`
+    is non-singular for any value of the variable. Log-det `H W sum(log|s|)` (per
+    position `sum(log|s|)`, summed by TFP over the spatial axes). The forward pass is a
+    matrix product; the inverse uses two triangular solves on `C x C` matrices. No
+    determinant or general matrix inverse is computed. Initialised at a random rotation
+    (the LU factors of a QR-orthogonal matrix).
+
+    Glow applies `W` in the data-to-latent direction (TFP's inverse), so
+    `tfp_flows.flows.glow` uses `tfb.Invert(Invertible1x1Conv(...))`: training
+    (`log_prob`) then multiplies by `W`, and only sampling solves.
     """
 
     def __init__(
@@ -139,15 +160,14 @@ class Invertible1x1Conv(tfb.Bijector):
         rotation, _ = np.linalg.qr(rng.standard_normal((channels, channels)))
         permutation, lower, upper = _lu_with_partial_pivoting(rotation)
         diagonal = np.diag(upper)
+        eye = np.eye(channels)
+        packed = np.tril(lower, -1) + np.triu(upper, 1) + np.diag(np.log(np.abs(diagonal)))
         with tf.name_scope(name) as scope:
             self._channels = channels
             self._permutation = tf.constant(permutation, dtype)
-            self._lower = tf.Variable(tf.constant(np.tril(lower, -1), dtype), name="lower")
-            self._upper = tf.Variable(tf.constant(np.triu(upper, 1), dtype), name="upper")
-            self._log_abs_diagonal = tf.Variable(
-                tf.constant(np.log(np.abs(diagonal)), dtype), name="log_abs_diagonal"
-            )
-            self._sign_diagonal = tf.constant(np.sign(diagonal), dtype)
+            self._lower_upper = tf.Variable(tf.constant(packed, dtype), name="lower_upper")
+            self._eye = tf.constant(eye, dtype)
+            self._signed_eye = tf.constant(eye * np.sign(diagonal), dtype)
             self._lower_mask = tf.constant(np.tril(np.ones((channels, channels)), -1), dtype)
             self._upper_mask = tf.constant(np.triu(np.ones((channels, channels)), 1), dtype)
             super().__init__(
@@ -164,15 +184,20 @@ class Invertible1x1Conv(tfb.Bijector):
         return {}
 
     @property
-    def log_abs_diagonal(self) -> tf.Variable:
-        return self._log_abs_diagonal
+    def lower_upper(self) -> tf.Variable:
+        """Packed factors: `L` below the diagonal, `U` above it, `log|s|` on it."""
+        return self._lower_upper
+
+    @property
+    def log_abs_diagonal(self) -> tf.Tensor:
+        """`log|s|`, the log-magnitudes of `U`'s diagonal; log-det per position is their sum."""
+        return tf.linalg.diag_part(self._lower_upper)
 
     def _factors(self) -> tuple[tf.Tensor, tf.Tensor]:
-        eye = tf.eye(self._channels, dtype=self.dtype)
-        lower = self._lower * self._lower_mask + eye
-        upper = self._upper * self._upper_mask + tf.linalg.diag(
-            self._sign_diagonal * tf.exp(self._log_abs_diagonal)
-        )
+        packed = tf.convert_to_tensor(self._lower_upper)
+        lower = packed * self._lower_mask + self._eye
+        # exp only of the diagonal: off it, exp(0) is masked out by the signed identity.
+        upper = packed * self._upper_mask + self._signed_eye * tf.exp(packed * self._eye)
         return lower, upper
 
     def weight(self) -> tf.Tensor:
@@ -211,7 +236,7 @@ class Invertible1x1Conv(tfb.Bijector):
         return tf.tensordot(x, self.inverse_weight(), axes=[[-1], [1]])
 
     def _forward_log_det_jacobian(self, z):
-        return tf.reduce_sum(self._log_abs_diagonal)
+        return tf.reduce_sum(self.log_abs_diagonal)
 
 
 def _lu_with_partial_pivoting(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
