@@ -7,7 +7,7 @@ test bits/dim of the 17-level data, and saves a grid: the top half real test dig
 the bottom half Glow samples.
 
 Run: `.venv/bin/python examples/digits_glow.py [--epochs 150] [--output runs/digits_glow.png]`
-(84 s measured on 2 shared CPU cores: 30 epochs, 2.28 test bits/dim).
+(on 2 CPU cores: early-stopped after 37 epochs, 2.266 test bits/dim, in under two minutes).
 """
 from __future__ import annotations
 

@@ -80,6 +80,18 @@ def test_act_norm_initialisation_normalises_the_first_batch_only():
     np.testing.assert_array_equal(act_norm.bias.numpy(), saved[1])
 
 
+def test_act_norm_traced_after_init_leaves_the_init_out():
+    act_norm = initialised_act_norm(3, tf.float32)
+    x = tf.random.normal([4, 2, 2, 3], seed=0)
+    graph = tf.function(act_norm.inverse).get_concrete_function(x).graph
+    assert not [op for op in graph.get_operations() if op.type == "AssignVariableOp"]
+    act_norm.initialized.assign(0.0)  # an eager call re-initialises from its batch
+    act_norm.inverse(x * 10.0)
+    assert act_norm.initialized.numpy() == 1.0
+    std = (x.numpy() * 10.0).reshape(-1, 3).std(axis=0)
+    np.testing.assert_allclose(np.exp(act_norm.log_scale.numpy()), std, rtol=1e-4)
+
+
 def test_act_norm_forward_does_not_initialise():
     act_norm = ActNorm(2)
     z = tf.random.normal([4, 2], seed=1)

@@ -41,7 +41,9 @@ class ActNorm(tfb.Bijector):
     non-trainable flag; a `tf.cond` compiled ~7 % slower and XLA turns it into a select
     anyway) and sees the batch through `stop_gradient`, so it compiles under
     `jit_compile=True` and adds nothing to the gradient. Until then the layer is the
-    identity.
+    identity. A call made, or a function traced, once the layer is initialised leaves
+    the init out of its graph: setting `initialized` back to 0 re-initialises in eager
+    calls and in functions traced afterwards, not in functions traced before.
     """
 
     def __init__(
@@ -114,9 +116,15 @@ class ActNorm(tfb.Bijector):
         bias, log_scale = self._bias_and_log_scale()
         return (z + bias) * tf.exp(log_scale)
 
+    def _initialized_at_trace_time(self) -> bool:
+        """Whether the flag is set now, read eagerly even while a function is traced."""
+        with tf.init_scope():
+            return tf.executing_eagerly() and bool(self._initialized.numpy() > 0.5)
+
     def _inverse(self, x):
         _check_channels(self.name, x, self._channels)
-        with tf.control_dependencies([self._initialize_once(x)]):
+        init = [] if self._initialized_at_trace_time() else [self._initialize_once(x)]
+        with tf.control_dependencies(init):
             bias, log_scale = self._bias_and_log_scale()
             return x * tf.exp(-log_scale) - bias
 
