@@ -1,4 +1,4 @@
-"""Input checks shared by the trainers: refuse bad data before any work is done."""
+"""Input checks shared by the trainers and builders: refuse bad input before any work is done."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -36,3 +36,11 @@ def check_samples(x, event_shape: Sequence[int], name: str = "x") -> np.ndarray:
             f"index {first} (value {array[first]})."
         )
     return array
+
+
+def check_positive_integers(owner: str | None = None, **values) -> None:
+    """Raise `ValueError` naming the first of `values` that is not a positive integer."""
+    prefix = f"{owner}: " if owner else ""
+    for name, value in values.items():
+        if int(value) != value or value < 1:
+            raise ValueError(f"{prefix}`{name}` must be a positive integer; given {value!r}.")

@@ -23,17 +23,12 @@ from tfp_flows.bijectors import (
     Squeeze,
     factor_out,
 )
+from tfp_flows.checks import check_positive_integers
 from tfp_flows.networks import GlowNetwork
 
 tfb = tfp.bijectors
 
 __all__ = ["planar_flow", "radial_flow", "maf", "iaf"]
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if int(value) != value or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer; given {value!r}.")
 
 
 def planar_flow(
@@ -46,7 +41,7 @@ def planar_flow(
     perturbation of the identity. Invertibility needs no constraint on the
     variables: `Planar` reparametrises `u`.
     """
-    _check_positive(event_size=event_size, num_layers=num_layers)
+    check_positive_integers(event_size=event_size, num_layers=num_layers)
     rng = np.random.default_rng(seed)
     np_dtype = tf.as_dtype(dtype).as_numpy_dtype
     neutral = np.log(np.expm1(1.0))  # m(s) = softplus(s) - 1 = 0
@@ -69,7 +64,7 @@ def radial_flow(
     Centres start at N(0, 1) draws; `α'` and `β'` start where `α = 1`, `β = 0`
     (each layer the identity).
     """
-    _check_positive(event_size=event_size, num_layers=num_layers)
+    check_positive_integers(event_size=event_size, num_layers=num_layers)
     rng = np.random.default_rng(seed)
     np_dtype = tf.as_dtype(dtype).as_numpy_dtype
     softplus_inverse_one = np.log(np.expm1(1.0)).astype(np_dtype)
@@ -130,7 +125,7 @@ def _autoregressive_layers(
     dtype,
     invert: bool,
 ) -> list:
-    _check_positive(event_size=event_size, num_layers=num_layers)
+    check_positive_integers(event_size=event_size, num_layers=num_layers)
     if not hidden_units or any(int(h) < 1 for h in hidden_units):
         raise ValueError(
             f"`hidden_units` must be a non-empty list of positive integers; given {hidden_units!r}."
@@ -217,7 +212,7 @@ def _coupling_stack(
     seed: int | None,
     dtype,
 ) -> list:
-    _check_positive(num_couplings=num_couplings)
+    check_positive_integers(num_couplings=num_couplings)
     if int(event_size) != event_size or event_size < 2:
         raise ValueError(f"`event_size` must be an integer >= 2 to split; given {event_size!r}.")
     if any(int(h) < 1 for h in hidden_units):
@@ -299,7 +294,9 @@ def glow(
     identity (initialised by the first data batch) and the 1x1 convs start at rotations.
     """
     height, width, channels = (int(d) for d in image_shape)
-    _check_positive(levels=levels, steps_per_level=steps_per_level, hidden_channels=hidden_channels)
+    check_positive_integers(
+        levels=levels, steps_per_level=steps_per_level, hidden_channels=hidden_channels
+    )
     factor = 2**levels
     if height % factor or width % factor or channels < 1:
         raise ValueError(

@@ -5,6 +5,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from tfp_flows.checks import check_positive_integers
+
 __all__ = ["GlowNetwork"]
 
 
@@ -30,10 +32,10 @@ class GlowNetwork(tf_keras.layers.Layer):
         name: str = "glow_network",
     ):
         super().__init__(name=name, dtype=dtype)
-        for label, value in [("input_channels", input_channels), ("output_channels", output_channels),
-                             ("hidden_channels", hidden_channels)]:
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name}: `{label}` must be a positive integer; given {value!r}.")
+        check_positive_integers(
+            name, input_channels=input_channels, output_channels=output_channels,
+            hidden_channels=hidden_channels,
+        )
         self.input_channels = int(input_channels)
         self._shapes = [
             (3, 3, self.input_channels, int(hidden_channels)),
