@@ -30,6 +30,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
 import tf_keras  # noqa: E402
 
+from nll_step import nll_adam_step  # noqa: E402
 from tfp_flows.flows import glow  # noqa: E402
 
 tfb = tfp.bijectors
@@ -65,17 +66,7 @@ def tfp_glow() -> tfd.TransformedDistribution:
 
 
 def make_step(distribution: tfd.TransformedDistribution, jit_compile: bool):
-    optimizer = tf_keras.optimizers.Adam(1e-4)
-    variables = distribution.trainable_variables
-
-    @tf.function(jit_compile=jit_compile)
-    def step(x):
-        with tf.GradientTape() as tape:
-            loss = -tf.reduce_mean(distribution.log_prob(x))
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return loss
-
-    return step
+    return nll_adam_step(distribution, distribution.trainable_variables, 1e-4, jit_compile)
 
 
 BUILDERS = {"ours (tfp_flows.flows.glow)": ours, "TFP tfb.Glow": tfp_glow}

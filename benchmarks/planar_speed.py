@@ -26,6 +26,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
 import tf_keras  # noqa: E402
 
+from nll_step import nll_adam_step  # noqa: E402
 from tfp_flows import FlowModel, flows  # noqa: E402
 from tfp_flows.bijectors import Planar  # noqa: E402
 from tfp_flows.datasets import toy  # noqa: E402
@@ -76,21 +77,12 @@ def inverse_vs_forward(batch: int, dim: int, repeats: int) -> list[tuple[str, fl
 
 def plain_tfp_step(bijector, dim: int, jit: bool):
     distribution = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(dim)), bijector)
-    optimizer = tf_keras.optimizers.Adam(1e-3)
     # Keras networks create their variables on the first call: build them before
     # collecting the variables, or the loop would train nothing (and look fast).
     bijector.forward(tf.zeros([1, dim]))
     variables = bijector.trainable_variables
     assert variables, "the plain loop must train the flow's variables"
-
-    @tf.function(jit_compile=jit)
-    def step(x):
-        with tf.GradientTape() as tape:
-            loss = -tf.reduce_mean(distribution.log_prob(x))
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return loss
-
-    return step
+    return nll_adam_step(distribution, variables, 1e-3, jit)
 
 
 def seconds_per_plain_step(step, batches) -> float:
