@@ -185,12 +185,160 @@ def test_fit_stops_on_a_loss_that_turns_nan_and_keeps_finite_variables():
     assert 0.5 < shift.numpy()[0] < 4.5  # it moved towards x1 = 8 before stopping
 
 
-def test_fit_validates_its_arguments():
+def _fit_args(**overrides):
     _, log_p_tilde = gaussian_target()
-    with pytest.raises(TypeError, match="target_log_prob must be callable"):
-        vi.fit(affine_flow(), "U1", 2, num_steps=10)
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 1; given 0"):
-        vi.fit(affine_flow(), log_p_tilde, 2, num_steps=10, batch_size=0)
-    with pytest.raises(ValueError, match=r"event shape \[2\] \(event_size\); given \[3\]"):
-        vi.fit(affine_flow(), log_p_tilde, 2, num_steps=10,
-               base_distribution=tfd.MultivariateNormalDiag(tf.zeros(3)))
+    arguments = dict(bijector=affine_flow(), target_log_prob=log_p_tilde, event_size=2, num_steps=10,
+                     batch_size=16, seed=0, verbose=0)
+    arguments.update(overrides)
+    return arguments
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(bijector="planar"), TypeError, "`bijector` must be a tfb.Bijector; given str"),
+        (dict(target_log_prob="U1"), TypeError, "`target_log_prob` must be callable"),
+        (dict(event_size=0), ValueError, "`event_size` must be a positive integer; given 0"),
+        (dict(event_size=2.0), TypeError, "`event_size` must be a positive integer; given 2.0"),
+        (dict(num_steps=-1), ValueError, "`num_steps` must be a positive integer; given -1"),
+        (dict(num_steps=True), TypeError, "`num_steps` must be a positive integer; given True"),
+        (dict(batch_size=0), ValueError, "`batch_size` must be a positive integer; given 0"),
+        (dict(seed=-1), ValueError, r"`seed` must be None or an integer in \[0, 2147483647\]; given -1"),
+        (dict(seed=2**31), ValueError, "`seed` must be None or an integer"),
+        (dict(seed=1.5), TypeError, "`seed` must be None or an integer"),
+        (dict(learning_rate=float("nan")), ValueError, "`learning_rate` must be a finite real number > 0; given nan"),
+        (dict(learning_rate=float("inf")), ValueError, "`learning_rate` must be a finite real number > 0; given inf"),
+        (dict(learning_rate=-1e-3), ValueError, "`learning_rate` must be a finite real number > 0; given -0.001"),
+        (dict(learning_rate=0.0), ValueError, "`learning_rate` must be a finite real number > 0; given 0.0"),
+        (dict(learning_rate="1e-3"), TypeError, "`learning_rate` must be a finite real number > 0"),
+        (dict(annealing_steps=-5), ValueError, "`annealing_steps` must be an integer >= 0; given -5"),
+        (dict(initial_beta=0.0), ValueError, r"`initial_beta` must be a finite real number in \(0, 1\]"),
+        (dict(initial_beta=float("nan")), ValueError, "`initial_beta` must be a finite real number"),
+        (dict(steps_per_call=0), ValueError, "`steps_per_call` must be a positive integer; given 0"),
+        (dict(verbose=2), ValueError, r"`verbose` must be an integer in \[0, 1\]; given 2"),
+        (dict(dtype=tf.int32), ValueError, "`dtype` must be one of the dtypes float32, float64; given"),
+        (dict(base_distribution=tfd.MultivariateNormalDiag(tf.zeros(3))), ValueError,
+         r"`base_distribution` must have event shape \[2\] \(event_size\); given \[3\]"),
+        (dict(base_distribution=tfd.MultivariateNormalDiag(tf.zeros([4, 2]))), ValueError,
+         r"`base_distribution` must have batch shape \[\]"),
+        (dict(base_distribution="normal"), TypeError, "`base_distribution` must be a tfd.Distribution"),
+    ],
+)
+def test_fit_refuses_bad_arguments_before_any_work(overrides, error, message):
+    arguments = _fit_args(**overrides)
+    flow = arguments["bijector"]
+    before = [v.numpy() for v in getattr(flow, "trainable_variables", [])]
+    with pytest.raises(error, match=message):
+        vi.fit(**arguments)
+    for value, variable in zip(before, getattr(flow, "trainable_variables", [])):
+        np.testing.assert_array_equal(variable.numpy(), value)
+
+
+def test_fit_refuses_variables_of_another_dtype_or_not_finite():
+    with pytest.raises(TypeError, match="base distribution's dtype float64; given other dtypes"):
+        vi.fit(**_fit_args(dtype=tf.float64))  # the affine flow's variables are float32
+    flow = affine_flow()
+    flow.trainable_variables[0].assign([np.nan, 0.0])
+    with pytest.raises(ValueError, match=r"variables must be finite before training; NaN/inf in \['shift"):
+        vi.fit(**_fit_args(bijector=flow))
+
+
+def test_fit_stops_on_a_learning_rate_schedule_that_turns_nan_and_keeps_finite_variables():
+    def nan_after_40_updates(iterations):
+        return tf.where(iterations < 40.0, tf.constant(1e-2), tf.constant(np.nan))
+
+    flow = affine_flow()
+    initial = [v.numpy() for v in flow.trainable_variables]
+    with pytest.raises(FloatingPointError, match=r"learning_rate schedule gave nan after 40 updates .* at step 40 of 100"):
+        vi.fit(**_fit_args(bijector=flow, num_steps=100, learning_rate=nan_after_40_updates, steps_per_call=30))
+    for variable, value in zip(flow.trainable_variables, initial):
+        assert np.all(np.isfinite(variable.numpy()))
+        assert not np.array_equal(variable.numpy(), value)  # the 40 finite steps were kept
+
+
+def test_fit_refuses_an_update_that_its_constraint_makes_nan():
+    # A variable whose constraint returns NaN once the update pushes it beyond 0.5.
+    shift = tf.Variable([0.0, 0.0], constraint=lambda v: tf.where(v > 0.5, tf.constant(np.nan), v))
+    flow = tfb.Shift(shift)
+
+    def far_right(x):
+        return -0.5 * tf.reduce_sum((x - [5.0, 5.0]) ** 2, axis=-1)
+
+    with pytest.raises(FloatingPointError, match="Adam update would have made a variable NaN/inf"):
+        vi.fit(flow, far_right, 2, num_steps=500, batch_size=16, seed=0, learning_rate=1e-2,
+               annealing_steps=0, verbose=0)
+    assert np.all(np.isfinite(shift.numpy())) and 0.4 < shift.numpy().max() <= 0.5
+
+
+def test_inverse_temperature_validates_its_arguments():
+    with pytest.raises(ValueError, match="`annealing_steps` must be an integer >= 0; given -1"):
+        vi.inverse_temperature(0, -1, 0.01)
+    with pytest.raises(ValueError, match="`initial_beta` must be a finite real number in"):
+        vi.inverse_temperature(0, 10, 1.5)
+    with pytest.raises(ValueError, match="`step` must be an integer >= 0; given -3"):
+        vi.inverse_temperature(-3, 10, 0.01)
+
+
+@pytest.mark.parametrize(
+    "arguments, error, message",
+    [
+        (dict(samples_per_call=0), ValueError, "`samples_per_call` must be a positive integer; given 0"),
+        (dict(num_samples=1), ValueError, "`num_samples` must be an integer >= 2; given 1"),
+        (dict(num_samples=10.0), TypeError, "`num_samples` must be an integer >= 2"),
+        (dict(log_z=float("nan")), ValueError, "`log_z` must be a finite real number; given nan"),
+        (dict(seed=-2), ValueError, "`seed` must be None or an integer"),
+        (dict(distribution=tfd.Normal(0.0, 1.0)), ValueError, r"`distribution` must have event shape \[event_size\]"),
+        (dict(target_log_prob=None), TypeError, "`target_log_prob` must be callable"),
+    ],
+)
+def test_exact_kl_refuses_bad_arguments(arguments, error, message):
+    # samples_per_call=0 used to loop forever.
+    _, log_p_tilde = gaussian_target()
+    q = tfd.MultivariateNormalDiag(tf.zeros(2))
+    call = dict(distribution=q, target_log_prob=log_p_tilde, log_z=3.0, num_samples=10, seed=0) | arguments
+    with pytest.raises(error, match=message):
+        vi.exact_kl(**call)
+
+
+def test_exact_kl_takes_every_sample_in_uneven_calls():
+    # 10 samples 3 per call: 4 calls (3, 3, 3, 1), the same KL as in one call of the same first draw.
+    target, _ = gaussian_target()
+    q = tfd.MultivariateNormalDiag(tf.zeros(2))
+    kl_uneven, _ = vi.exact_kl(q, target.log_prob, 0.0, num_samples=10, seed=0, samples_per_call=3)
+    x, log_q = q.experimental_sample_and_log_prob(3, seed=tf.constant([0, 0]))
+    assert np.isfinite(kl_uneven)
+    kl_first, _ = vi.exact_kl(q, target.log_prob, 0.0, num_samples=3, seed=0, samples_per_call=3)
+    np.testing.assert_allclose(kl_first, np.mean(log_q - target.log_prob(x)), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(bounds=((-1, float("inf")), (-1, 1))), "`bounds` must be .*finite"),
+        (dict(bounds=((-1, 1),)), "`bounds` must be"),
+        (dict(bounds="wide"), "`bounds` must be"),
+        (dict(n=2), "`n` must be an integer >= 3; given 2"),
+        (dict(n=(10, 2)), r"`n\[1\]` must be an integer >= 3; given 2"),
+        (dict(n=(10, 10, 10)), "`n` must be an integer >= 3 or a pair"),
+        (dict(n=100_000), "at most 67108864 grid cells; given 100000 × 100000"),
+        (dict(edge_tolerance=0.0), "`edge_tolerance` must be a finite real number in"),
+        (dict(points_per_call=0), "`points_per_call` must be a positive integer; given 0"),
+    ],
+)
+def test_log_normalizer_on_grid_refuses_bad_arguments(arguments, message):
+    _, log_p_tilde = gaussian_target()
+    call = dict(target_log_prob=log_p_tilde, bounds=((-8, 10), (-11, 7)), n=10) | arguments
+    with pytest.raises((TypeError, ValueError), match=message):
+        vi.log_normalizer_on_grid(**call)
+
+
+def test_kl_of_two_gaussians_matches_the_analytic_value():
+    q = tfd.MultivariateNormalTriL(tf.constant([0.5, -1.0], tf.float64), tf.constant([[1.0, 0.0], [0.3, 0.8]], tf.float64))
+    p = tfd.MultivariateNormalTriL(tf.constant(TARGET_LOC), tf.constant(TARGET_SCALE_TRIL))
+    estimate, standard_error = vi.kl(q, p, 200_000, seed=0)
+    analytic = float(tfd.kl_divergence(q, p))
+    assert 0 < standard_error < 0.02 and abs(estimate - analytic) < 4 * standard_error
+    with pytest.raises(ValueError, match=r"`p` must have event shape \[2\] \(event_size\); given \[3\]"):
+        vi.kl(q, tfd.MultivariateNormalDiag(tf.zeros(3, tf.float64)), 10)
+    with pytest.raises(TypeError, match="`q` must be a tfd.Distribution"):
+        vi.kl(None, p, 10)

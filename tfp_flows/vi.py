@@ -1,4 +1,4 @@
-"""Variational inference with normalizing flows (Rezende & Mohamed 2015).
+"""Variational inference with normalizing flows (Rezende & Mohamed 2015) and distillation.
 
 A flow `q = f_# q0` (base `q0`, by default `N(0, I)`) is fitted to an unnormalised
 target density `p̃` by maximising the evidence lower bound
@@ -15,13 +15,20 @@ the flow from settling on one mode of a multi-modal target early on. (Measured o
 `flows.planar_flow`, which starts near the identity, runs without annealing reached the
 same KL; a flow that starts contracted onto a point lost one lobe with or without it.)
 
+Distillation (Parallel WaveNet, van den Oord et al. 2018): `distill` fits a student flow
+that samples in one pass (e.g. `flows.iaf`) to a normalised teacher (e.g. a trained MAF,
+whose density is one pass but whose sampling is sequential) by the same loop with
+`p̃ = teacher.log_prob`, so `−ELBO = KL(student‖teacher)` and `log Z = 0`.
+
 Evaluation: `log_normalizer_on_grid` computes `log Z` of a 2-D target on a fine grid, and
-`exact_kl` then gives `KL(q‖p) = E_q[log q − log p̃] + log Z` with its Monte-Carlo error.
+`exact_kl` then gives `KL(q‖p) = E_q[log q − log p̃] + log Z` with its Monte-Carlo error;
+`kl(q, p)` is the same estimate for a normalised `p` in any dimension.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from typing import Callable, Sequence
 
@@ -29,6 +36,15 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
+
+from tfp_flows.checks import (
+    check_dtype,
+    check_integer,
+    check_number,
+    check_positive_integer,
+    check_positive_number,
+    check_seed,
+)
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -39,6 +55,10 @@ LearningRate = float | Callable[[tf.Tensor], tf.Tensor]
 _ADAM_BETA_1 = 0.9
 _ADAM_BETA_2 = 0.999
 _ADAM_EPSILON = 1e-8
+_MAX_GRID_CELLS = 1 << 26  # 64 Mi cells: the grid's points alone take 1 GiB in float64
+
+# Status codes of one Adam step (`_Adam.apply_if_finite`); 0 means the step was applied.
+_APPLIED, _NONFINITE_LOSS, _BAD_LEARNING_RATE, _NONFINITE_UPDATE = 0, 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +76,50 @@ class VIResult:
     seconds_per_step: float
 
 
+def _check_initial_beta(initial_beta) -> float:
+    return check_number("initial_beta", initial_beta, 0.0, 1.0, inclusive_minimum=False)
+
+
 def inverse_temperature(step, annealing_steps: int, initial_beta: float) -> tf.Tensor:
     """Annealing schedule `β_t = min(1, β_0 + (1 − β_0) · t / annealing_steps)`; 1 when annealing_steps = 0."""
-    if annealing_steps <= 0:
+    annealing_steps = check_integer("annealing_steps", annealing_steps, minimum=0)
+    initial_beta = _check_initial_beta(initial_beta)
+    if isinstance(step, numbers.Number):
+        check_integer("step", step, minimum=0)
+    if annealing_steps == 0:
         return tf.ones_like(tf.cast(step, tf.float32))
     fraction = tf.cast(step, tf.float32) / float(annealing_steps)
     return tf.minimum(1.0, initial_beta + (1.0 - initial_beta) * fraction)
+
+
+def _check_callable(name: str, value) -> None:
+    if not callable(value):
+        raise TypeError(f"`{name}` must be callable (a function of samples [N, event_size]); "
+                        f"given {value!r} ({type(value).__name__}).")
+
+
+def _check_vector_distribution(name: str, distribution, event_size: int | None = None) -> int:
+    """A `tfd.Distribution` with scalar batch shape and event shape `[D]`; returns D."""
+    if not isinstance(distribution, tfd.Distribution):
+        raise TypeError(f"`{name}` must be a tfd.Distribution; given {type(distribution).__name__}.")
+    event_shape = distribution.event_shape
+    if event_shape.rank != 1 or not event_shape.is_fully_defined():
+        raise ValueError(f"`{name}` must have event shape [event_size]; given {event_shape}.")
+    if distribution.batch_shape.rank != 0:
+        raise ValueError(f"`{name}` must have batch shape [] (one distribution); given "
+                         f"{distribution.batch_shape}.")
+    if not tf.as_dtype(distribution.dtype).is_floating:
+        raise TypeError(f"`{name}` must have a floating-point dtype; given {distribution.dtype}.")
+    size = int(event_shape[0])
+    if event_size is not None and size != event_size:
+        raise ValueError(f"`{name}` must have event shape [{event_size}] (event_size); given [{size}].")
+    return size
+
+
+def _check_learning_rate(learning_rate) -> LearningRate:
+    if callable(learning_rate):
+        return learning_rate
+    return check_positive_number("learning_rate", learning_rate)
 
 
 def _check_target_values(log_p: tf.Tensor, batch_size: int, name: str) -> None:
@@ -89,8 +147,9 @@ class _Adam:
     """Adam (Kingma & Ba 2015) on all variables as one flat vector, maskable inside an XLA loop.
 
     `m ← β1 m + (1 − β1) g`, `v ← β2 v + (1 − β2) g²`,
-    `θ ← θ − lr · √(1 − β2^t) / (1 − β1^t) · m / (√v + ε)`; a step whose loss or gradient is
-    not finite changes nothing.
+    `θ ← θ − lr · √(1 − β2^t) / (1 − β1^t) · m / (√v + ε)`. A step changes nothing unless the
+    loss and gradient are finite, the learning rate is finite and ≥ 0, and every updated
+    variable (after its constraint) is finite, so the variables stay finite.
     One flat state (instead of one per variable) keeps the compiled loop small for flows
     made of many tiny variables (a planar layer has three). Variable constraints are applied
     after each update, as Keras optimizers do.
@@ -99,12 +158,6 @@ class _Adam:
     def __init__(self, variables: Sequence[tf.Variable], learning_rate: LearningRate):
         self.variables = list(variables)
         self.dtype = self.variables[0].dtype
-        mismatched = [v.name for v in self.variables if v.dtype != self.dtype]
-        if mismatched:
-            raise TypeError(
-                f"all trainable variables must share one dtype ({self.dtype.name}, from "
-                f"{self.variables[0].name}); given other dtypes for {mismatched}."
-            )
         self.sizes = [int(np.prod(v.shape)) for v in self.variables]
         size = sum(self.sizes)
         self.learning_rate = learning_rate
@@ -112,29 +165,71 @@ class _Adam:
         self.first_moment = tf.Variable(tf.zeros([size], self.dtype), trainable=False, name="adam_m")
         self.second_moment = tf.Variable(tf.zeros([size], self.dtype), trainable=False, name="adam_v")
 
+    def rate(self, iterations) -> tf.Tensor:
+        """The learning rate after `iterations` updates (a schedule is evaluated there)."""
+        if callable(self.learning_rate):  # a schedule of the update count, e.g. a Keras schedule
+            return tf.cast(self.learning_rate(iterations), self.dtype)
+        return tf.constant(self.learning_rate, self.dtype)
+
     def apply_if_finite(self, loss: tf.Tensor, gradients: Sequence[tf.Tensor]) -> tf.Tensor:
-        """Take the step only if `loss` and every gradient entry are finite; return that condition."""
+        """Take the step if it is valid; return its status (`_APPLIED` or the reason it was not)."""
         gradient = tf.concat([tf.reshape(g, [-1]) for g in gradients], axis=0)
-        apply = tf.logical_and(tf.math.is_finite(loss), tf.reduce_all(tf.math.is_finite(gradient)))
+        finite_inputs = tf.logical_and(tf.math.is_finite(loss), tf.reduce_all(tf.math.is_finite(gradient)))
+        learning_rate = self.rate(self.iterations)
+        valid_rate = tf.logical_and(tf.math.is_finite(learning_rate), learning_rate >= 0.0)
         t = self.iterations + 1.0
         m = _ADAM_BETA_1 * self.first_moment + (1.0 - _ADAM_BETA_1) * gradient
         v = _ADAM_BETA_2 * self.second_moment + (1.0 - _ADAM_BETA_2) * tf.square(gradient)
-        if callable(self.learning_rate):  # a schedule of the update count, e.g. a Keras schedule
-            learning_rate = tf.cast(self.learning_rate(self.iterations), self.dtype)
-        else:
-            learning_rate = tf.constant(self.learning_rate, self.dtype)
         step_size = learning_rate * tf.sqrt(1.0 - _ADAM_BETA_2**t) / (1.0 - _ADAM_BETA_1**t)
-        update = tf.where(apply, step_size * m / (tf.sqrt(v) + _ADAM_EPSILON), tf.zeros_like(m))
-        self.iterations.assign(tf.where(apply, t, self.iterations))
-        self.first_moment.assign(tf.where(apply, m, self.first_moment))
-        self.second_moment.assign(tf.where(apply, v, self.second_moment))
+        update = step_size * m / (tf.sqrt(v) + _ADAM_EPSILON)
+        candidates = []
         for variable, piece in zip(self.variables, tf.split(update, self.sizes)):
-            variable.assign_sub(tf.reshape(piece, variable.shape))
+            candidate = variable - tf.reshape(piece, variable.shape)
             if getattr(variable, "constraint", None) is not None:
                 # e.g. the masks of TFP's AutoregressiveNetwork kernels: without them an IAF
                 # loses its triangular Jacobian and its log-det formula becomes wrong.
-                variable.assign(variable.constraint(variable))
-        return apply
+                candidate = variable.constraint(candidate)
+            candidates.append(candidate)
+        finite_result = tf.reduce_all([tf.reduce_all(tf.math.is_finite(c)) for c in candidates])
+        status = tf.where(
+            ~finite_inputs, _NONFINITE_LOSS,
+            tf.where(~valid_rate, _BAD_LEARNING_RATE, tf.where(~finite_result, _NONFINITE_UPDATE, _APPLIED)),
+        )
+        apply = tf.equal(status, _APPLIED)
+        self.iterations.assign(tf.where(apply, t, self.iterations))
+        self.first_moment.assign(tf.where(apply, m, self.first_moment))
+        self.second_moment.assign(tf.where(apply, v, self.second_moment))
+        for variable, candidate in zip(self.variables, candidates):
+            variable.assign(tf.where(apply, candidate, variable))
+        return status
+
+
+def _check_variables(variables: Sequence[tf.Variable], dtype: tf.DType) -> list[tf.Variable]:
+    """Refuse trainable variables of another dtype than the base's, or holding NaN/inf."""
+    variables = list(variables)
+    mismatched = [v.name for v in variables if v.dtype != dtype]
+    if mismatched:
+        raise TypeError(f"all trainable variables must have the base distribution's dtype "
+                        f"{dtype.name}; given other dtypes for {mismatched}.")
+    not_finite = [v.name for v in variables if not bool(tf.reduce_all(tf.math.is_finite(v)))]
+    if not_finite:
+        raise ValueError(f"the flow's variables must be finite before training; NaN/inf in {not_finite}.")
+    return variables
+
+
+def _failure_message(status: int, step: int, num_steps: int, optimizer: _Adam) -> str:
+    kept = f"after step {step - 1}" if step > 0 else "from before training"
+    if status == _BAD_LEARNING_RATE:
+        rate = float(optimizer.rate(optimizer.iterations))
+        reason = (f"the learning_rate schedule gave {rate} after {step} updates (it must be finite "
+                  "and >= 0)")
+    elif status == _NONFINITE_UPDATE:
+        reason = "the Adam update would have made a variable NaN/inf (overflow or its constraint)"
+    else:
+        reason = "the VI loss or its gradient became NaN/inf"
+    return (f"{reason} at step {step} of {num_steps}; the step was not applied and the flow's "
+            f"variables keep their values {kept}. Check where target_log_prob is finite, or lower "
+            "learning_rate.")
 
 
 def fit(
@@ -158,43 +253,43 @@ def fit(
     Step `t` draws `z ~ base` (stateless, seeded by `(seed, t)`, so a seed fixes the run), sets
     `x = f(z)`, `log q(x) = log base(z) − log|det ∂f/∂z|` and takes an Adam step on
     `mean(log q(x) − β_t · log p̃(x))`, β_t from `inverse_temperature` (annealing over
-    `annealing_steps`, default `num_steps // 2`; 0 turns it off). `learning_rate` is a number or
-    a schedule of the step (e.g. `tf_keras.optimizers.schedules.CosineDecay`). `steps_per_call` steps run
-    in one XLA-compiled `tf.while_loop`; the progress bar shows their mean ELBO. `dtype` is that of
-    the default base (a given `base_distribution` sets its own). The target is a TF function mapping `[batch, event_size]`
-    to `[batch]`; it is checked on initial samples (shape, finiteness) before training. If a
-    step's loss or gradient is not finite, training stops with `FloatingPointError` and the
-    variables keep the values of the last finite step.
+    `annealing_steps`, default `num_steps // 2`; 0 turns it off). `learning_rate` is a number > 0
+    or a schedule of the step (e.g. `tf_keras.optimizers.schedules.CosineDecay`). `steps_per_call`
+    steps run in one XLA-compiled `tf.while_loop`; the progress bar (verbose=1) shows their mean
+    ELBO. `dtype` is that of the default base (a given `base_distribution` sets its own). The
+    target is a TF function mapping `[batch, event_size]` to `[batch]`; it is checked on initial
+    samples (shape, finiteness) before training. A step whose loss, gradient, learning rate or
+    result is not finite is not applied: training stops with `FloatingPointError` and the
+    variables keep the values of the last finite step. The variables stay finite whatever
+    happens: they must be finite at the start, and each step writes either checked finite
+    values or the old ones (an interruption mid-call leaves each variable at one or the other).
     """
-    if not callable(target_log_prob):
-        raise TypeError(f"target_log_prob must be callable; given {type(target_log_prob).__name__}.")
-    for name, value, minimum in (
-        ("event_size", event_size, 1),
-        ("num_steps", num_steps, 1),
-        ("batch_size", batch_size, 1),
-        ("steps_per_call", steps_per_call, 1),
-    ):
-        if int(value) != value or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}; given {value!r}.")
-    if not 0.0 < initial_beta <= 1.0:
-        raise ValueError(f"initial_beta must lie in (0, 1]; given {initial_beta}.")
-    if annealing_steps is None:
-        annealing_steps = num_steps // 2
-    if annealing_steps < 0:
-        raise ValueError(f"annealing_steps must be >= 0; given {annealing_steps}.")
-
+    if not isinstance(bijector, tfb.Bijector):
+        raise TypeError(f"`bijector` must be a tfb.Bijector; given {type(bijector).__name__}.")
+    _check_callable("target_log_prob", target_log_prob)
+    event_size = check_positive_integer("event_size", event_size)
+    num_steps = check_positive_integer("num_steps", num_steps)
+    batch_size = check_positive_integer("batch_size", batch_size)
+    seed = check_seed("seed", seed)
+    learning_rate = _check_learning_rate(learning_rate)
+    initial_beta = _check_initial_beta(initial_beta)
+    annealing_steps = num_steps // 2 if annealing_steps is None else check_integer(
+        "annealing_steps", annealing_steps, minimum=0)
+    steps_per_call = check_positive_integer("steps_per_call", steps_per_call)
+    verbose = check_integer("verbose", verbose, minimum=0, maximum=1)
+    if bijector.forward_min_event_ndims > 1:
+        raise ValueError(f"`bijector` must act on vectors (forward_min_event_ndims <= 1); given "
+                         f"{bijector.forward_min_event_ndims}.")
     if base_distribution is None:
+        dtype = check_dtype("dtype", dtype)
         base_distribution = tfd.MultivariateNormalDiag(loc=tf.zeros([event_size], dtype))
-    if base_distribution.event_shape.as_list() != [event_size]:
-        raise ValueError(
-            f"base_distribution must have event shape [{event_size}] (event_size); given "
-            f"{base_distribution.event_shape.as_list()}."
-        )
+    _check_vector_distribution("base_distribution", base_distribution, event_size)
     dtype = tf.as_dtype(base_distribution.dtype)
+    # Variables built lazily (at the first draw) are checked again after it.
+    _check_variables(list(bijector.trainable_variables) + list(base_distribution.trainable_variables), dtype)
     distribution = tfd.TransformedDistribution(base_distribution, bijector)
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
-    seed = int(seed)
 
     def draw(step):
         stateless_seed = tf.stack([tf.constant(seed, tf.int32), tf.cast(step, tf.int32)])
@@ -206,15 +301,15 @@ def fit(
     _check_target_values(tf.convert_to_tensor(target_log_prob(x0)), batch_size, "target_log_prob")
     _check_target_values(log_q0, batch_size, "the flow's log q (check the bijector's parameters)")
 
-    variables = distribution.trainable_variables
+    variables = _check_variables(distribution.trainable_variables, dtype)
     if not variables:
         raise ValueError("the bijector (and base distribution) own no trainable tf.Variable to fit.")
     optimizer = _Adam(variables, learning_rate)
-    chunk = min(int(steps_per_call), int(num_steps))
+    chunk = min(steps_per_call, num_steps)
 
     @tf.function(jit_compile=True)
     def run_steps(start_step, steps_in_call):
-        def body(i, finite, history):
+        def body(i, status, history):
             step = start_step + i
             beta = tf.cast(inverse_temperature(step, annealing_steps, initial_beta), dtype)
             with tf.GradientTape() as tape:
@@ -222,49 +317,81 @@ def fit(
                 log_p = tf.cast(target_log_prob(x), dtype)
                 loss = tf.reduce_mean(log_q - beta * log_p)
             elbo = tf.reduce_mean(log_p - log_q)
-            finite = optimizer.apply_if_finite(loss, tape.gradient(loss, variables))
+            status = optimizer.apply_if_finite(loss, tape.gradient(loss, variables))
             history = tf.tensor_scatter_nd_update(history, [[i]], tf.reshape(tf.cast(elbo, tf.float64), [1]))
-            return i + 1, finite, history
+            return i + 1, status, history
 
-        def keep_going(i, finite, history):
-            return tf.logical_and(i < steps_in_call, finite)
+        def keep_going(i, status, history):
+            return tf.logical_and(i < steps_in_call, tf.equal(status, _APPLIED))
 
-        steps_done, finite, history = tf.while_loop(
+        return tf.while_loop(
             keep_going,
             body,
-            (tf.constant(0), tf.constant(True), tf.zeros([chunk], tf.float64)),
+            (tf.constant(0), tf.constant(_APPLIED), tf.zeros([chunk], tf.float64)),
             maximum_iterations=chunk,
         )
-        return steps_done, finite, history
 
     progress = tf_keras.utils.Progbar(num_steps, stateful_metrics=["elbo", "beta"]) if verbose else None
     history = np.zeros([num_steps], np.float64)
-    done = 0
     timed_steps, timed_seconds = 0, 0.0
-    while done < num_steps:
+    for done in range(0, num_steps, chunk):
         steps_in_call = min(chunk, num_steps - done)
         started = time.perf_counter()
-        steps_done, finite, chunk_history = run_steps(tf.constant(done), tf.constant(steps_in_call))
-        steps_done = int(steps_done)
+        steps_done, status, chunk_history = run_steps(tf.constant(done), tf.constant(steps_in_call))
+        steps_done, status = int(steps_done), int(status)
         if done > 0:
             timed_steps += steps_done
             timed_seconds += time.perf_counter() - started
-        if not bool(finite):
-            failed_step = done + steps_done - 1
-            kept = f"after step {failed_step - 1}" if failed_step > 0 else "from before training"
-            raise FloatingPointError(
-                f"the VI loss or its gradient became NaN/inf at step {failed_step} of {num_steps}; "
-                f"the flow's variables keep their values {kept}. Check where target_log_prob is "
-                "finite, or lower learning_rate."
-            )
+        if status != _APPLIED:
+            raise FloatingPointError(_failure_message(status, done + steps_done - 1, num_steps, optimizer))
         history[done : done + steps_done] = chunk_history.numpy()[:steps_done]
-        done += steps_done
         if progress is not None:
-            beta = float(inverse_temperature(done - 1, annealing_steps, initial_beta))
-            chunk_elbo = float(np.mean(history[done - steps_done : done]))
-            progress.update(done, values=[("elbo", chunk_elbo), ("beta", beta)])
+            beta = float(inverse_temperature(done + steps_done - 1, annealing_steps, initial_beta))
+            chunk_elbo = float(np.mean(history[done : done + steps_done]))
+            progress.update(done + steps_done, values=[("elbo", chunk_elbo), ("beta", beta)])
     seconds_per_step = timed_seconds / timed_steps if timed_steps else float("nan")
     return VIResult(distribution=distribution, history=history, seconds_per_step=seconds_per_step)
+
+
+def distill(
+    student: tfb.Bijector,
+    teacher: tfd.Distribution,
+    num_steps: int,
+    batch_size: int = 256,
+    seed: int | None = 0,
+    *,
+    learning_rate: LearningRate = 1e-3,
+    annealing_steps: int = 0,
+    initial_beta: float = 0.01,
+    base_distribution: tfd.Distribution | None = None,
+    steps_per_call: int = 500,
+    verbose: int = 1,
+) -> VIResult:
+    """Probability density distillation: `min KL(q‖p) = E_{x~q}[log q(x) − log p(x)]`.
+
+    `q = student_# N(0, I)` (sampled through `student.forward` with its forward log-det, e.g.
+    `flows.iaf`, one pass per layer), `p = teacher` a normalised `tfd.Distribution` with event
+    shape `[D]` (e.g. a trained MAF, whose `log_prob` is one pass per layer). This is `fit` with
+    `target_log_prob = teacher.log_prob`; since `log Z = 0`, the history is `−KL(q‖p)` per batch.
+    Event size and dtype come from the teacher; only the student's (and a given base's)
+    variables are trained. No annealing by default (`annealing_steps=0`): the teacher is a
+    normalised density, and `β < 1` would fit `q` to the wider `p^β / Z_β` instead of `p`.
+    """
+    if not isinstance(student, tfb.Bijector):
+        raise TypeError(f"`student` must be a tfb.Bijector; given {type(student).__name__}.")
+    event_size = _check_vector_distribution("teacher", teacher)
+    teacher_variables = {id(v) for v in teacher.trainable_variables}
+    shared = [v.name for v in student.trainable_variables if id(v) in teacher_variables]
+    if shared:
+        raise ValueError(f"`student` and `teacher` must not share variables (the teacher stays "
+                         f"fixed); shared: {shared}.")
+    if base_distribution is None:
+        base_distribution = tfd.MultivariateNormalDiag(loc=tf.zeros([event_size], teacher.dtype))
+    return fit(
+        student, teacher.log_prob, event_size, num_steps, batch_size, seed,
+        learning_rate=learning_rate, annealing_steps=annealing_steps, initial_beta=initial_beta,
+        base_distribution=base_distribution, steps_per_call=steps_per_call, verbose=verbose,
+    )
 
 
 def log_normalizer_on_grid(
@@ -281,16 +408,31 @@ def log_normalizer_on_grid(
     `log Z ≈ logsumexp_ij log p̃(c_ij) + log(Δ1 Δ2)`, `c_ij` the cell centres of
     `bounds = ((z1_min, z1_max), (z2_min, z2_max))`. Raises `ValueError` when the outermost
     ring of cells holds more than `edge_tolerance` of the mass (the grid cuts off the target).
+    At most 2^26 cells.
     """
-    bounds = np.asarray(bounds, np.float64)
-    if bounds.shape != (2, 2) or not np.all(bounds[:, 1] > bounds[:, 0]):
+    _check_callable("target_log_prob", target_log_prob)
+    try:
+        array = np.asarray(bounds, np.float64)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.shape != (2, 2) or not np.all(np.isfinite(array)) or not np.all(array[:, 1] > array[:, 0]):
         raise ValueError(
-            "bounds must be ((z1_min, z1_max), (z2_min, z2_max)) with min < max; "
-            f"given {bounds.tolist()}."
+            "`bounds` must be ((z1_min, z1_max), (z2_min, z2_max)), finite, with min < max; "
+            f"given {bounds!r}."
         )
-    counts = (int(n), int(n)) if np.ndim(n) == 0 else tuple(int(k) for k in n)
-    if len(counts) != 2 or min(counts) < 3:
-        raise ValueError(f"n must be an integer >= 3 or a pair of them; given {n!r}.")
+    bounds = array
+    if isinstance(n, (list, tuple, np.ndarray)):
+        if len(n) != 2:
+            raise ValueError(f"`n` must be an integer >= 3 or a pair of them; given {n!r}.")
+        counts = (check_integer("n[0]", n[0], minimum=3), check_integer("n[1]", n[1], minimum=3))
+    else:
+        counts = (check_integer("n", n, minimum=3),) * 2
+    if counts[0] * counts[1] > _MAX_GRID_CELLS:
+        raise ValueError(f"`n` must give at most {_MAX_GRID_CELLS} grid cells; given {counts[0]} × {counts[1]}.")
+    dtype = check_dtype("dtype", dtype)
+    edge_tolerance = check_number("edge_tolerance", edge_tolerance, 0.0, 1.0, inclusive_minimum=False,
+                                  inclusive_maximum=False)
+    points_per_call = check_positive_integer("points_per_call", points_per_call)
     widths = (bounds[:, 1] - bounds[:, 0]) / np.asarray(counts)
     centres = [bounds[k, 0] + widths[k] * (np.arange(counts[k]) + 0.5) for k in range(2)]
     z1, z2 = np.meshgrid(centres[0], centres[1], indexing="ij")
@@ -312,7 +454,7 @@ def log_normalizer_on_grid(
         )
     total = _logsumexp(log_p)
     edge = np.concatenate([log_p[0], log_p[-1], log_p[1:-1, 0], log_p[1:-1, -1]])
-    edge_share = math.exp(_logsumexp(edge) - total)
+    edge_share = math.exp(_logsumexp(edge) - total) if np.isfinite(edge).any() else 0.0
     if edge_share > edge_tolerance:
         raise ValueError(
             f"the grid's outermost cells hold {edge_share:.2e} of the mass (more than edge_tolerance="
@@ -340,18 +482,21 @@ def exact_kl(
     """`KL(q‖p) = E_q[log q(x) − log p̃(x)] + log Z` by Monte Carlo; returns (KL, standard error).
 
     Samples and `log q` come from `distribution.experimental_sample_and_log_prob` (for a
-    flow: forward pass and forward log-det, no inverse). The standard error is
-    `std(log q − log p̃) / √num_samples`.
+    flow: forward pass and forward log-det, no inverse), `samples_per_call` at a time. The
+    standard error is `std(log q − log p̃) / √num_samples`.
     """
-    if int(num_samples) != num_samples or num_samples < 2:
-        raise ValueError(f"num_samples must be an integer >= 2; given {num_samples!r}.")
+    _check_vector_distribution("distribution", distribution)
+    _check_callable("target_log_prob", target_log_prob)
+    log_z = check_number("log_z", log_z)
+    num_samples = check_integer("num_samples", num_samples, minimum=2)
+    seed = check_seed("seed", seed)
+    samples_per_call = check_positive_integer("samples_per_call", samples_per_call)
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
     differences = []
-    drawn = 0
-    while drawn < num_samples:
-        count = min(samples_per_call, num_samples - drawn)
-        stateless_seed = tf.constant([int(seed), len(differences)], tf.int32)
+    for call, start in enumerate(range(0, num_samples, samples_per_call)):
+        count = min(samples_per_call, num_samples - start)
+        stateless_seed = tf.constant([seed, call], tf.int32)
         x, log_q = distribution.experimental_sample_and_log_prob(count, seed=stateless_seed)
         log_p = tf.convert_to_tensor(target_log_prob(x))
         if log_p.shape.as_list() != [count]:
@@ -360,7 +505,6 @@ def exact_kl(
                 f"given shape {log_p.shape.as_list()}."
             )
         differences.append(log_q.numpy().astype(np.float64) - log_p.numpy().astype(np.float64))
-        drawn += count
     difference = np.concatenate(differences)
     bad = ~np.isfinite(difference)
     if bad.any():
@@ -368,6 +512,23 @@ def exact_kl(
             f"log q − log p̃ is NaN/inf at {int(bad.sum())} of {num_samples} samples of q: "
             "the KL is undefined or infinite (q puts mass where the target is 0 or not finite)."
         )
-    kl = float(np.mean(difference) + log_z)
+    kl_estimate = float(np.mean(difference) + log_z)
     standard_error = float(np.std(difference, ddof=1) / math.sqrt(num_samples))
-    return kl, standard_error
+    return kl_estimate, standard_error
+
+
+def kl(
+    q: tfd.Distribution,
+    p: tfd.Distribution,
+    num_samples: int = 100_000,
+    seed: int | None = None,
+    *,
+    samples_per_call: int = 50_000,
+) -> tuple[float, float]:
+    """Monte-Carlo `KL(q‖p) = E_{x~q}[log q(x) − log p(x)]` for normalised `p`; (estimate, standard error).
+
+    `exact_kl(q, p.log_prob, 0, ...)`; both must have event shape `[D]` with the same `D`.
+    """
+    event_size = _check_vector_distribution("q", q)
+    _check_vector_distribution("p", p, event_size)
+    return exact_kl(q, p.log_prob, 0.0, num_samples, seed, samples_per_call=samples_per_call)
