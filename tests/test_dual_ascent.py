@@ -14,6 +14,7 @@ from tfp_flows.bijectors import DualAscentFlow, DualAscentMap, Rotation
 from tfp_flows.bijectors.dual_ascent import map_forward
 from tfp_flows.dual_ascent import (
     _largest_eigenvalue_3x3,
+    auto_eps,
     _solve_symmetric_3x3,
     fit,
     newton_step,
@@ -347,10 +348,92 @@ def test_bad_validation_data_and_settings_get_clear_errors():
         fit(x, validation_data=x[:10, :2], verbose=False)
     with pytest.raises(ValueError, match="validation_data must be finite"):
         fit(x, validation_data=np.full((10, 3), np.nan), verbose=False)
-    with pytest.raises(ValueError, match="eps must be > 0; given -1"):
+    with pytest.raises(ValueError, match=r"`eps` must be None or a finite real number > 0; given -1\.0"):
         fit(x, eps=-1.0, verbose=False)
-    with pytest.raises(ValueError, match="patience must be a positive integer"):
+    with pytest.raises(ValueError, match="`patience` must be a positive integer; given 0"):
         fit(x, patience=0, verbose=False)
+
+
+@pytest.mark.parametrize("settings, error, message", [
+    (dict(max_step=-1), ValueError, r"`max_step` must be a finite real number > 0; given -1"),
+    (dict(max_step=float("nan")), ValueError, "`max_step`"),
+    (dict(chunk_size=0), ValueError, r"`chunk_size` must be a positive integer; given 0"),
+    (dict(chunk_size=2.5), TypeError, "`chunk_size`"),
+    (dict(num_steps=-1), ValueError, r"`num_steps` must be an integer >= 0; given -1"),
+    (dict(num_steps=10.0), TypeError, "`num_steps`"),
+    (dict(num_steps=True), TypeError, "`num_steps`"),
+    (dict(max_abs_gamma=1.0), ValueError, r"`max_abs_gamma` must be .* in \[0, 0\.999\]"),
+    (dict(max_abs_sigma=1.5), ValueError, r"`max_abs_sigma` must be .* in \[0, 0\.999\]"),
+    (dict(max_abs_sigma=-0.1), ValueError, "`max_abs_sigma`"),
+    (dict(validation_fraction="0.1"), TypeError, "`validation_fraction`"),
+    (dict(validation_fraction=1.0), ValueError, r"`validation_fraction` .* in \[0, 1\)"),
+    (dict(seed=5 + 2**32), ValueError, r"`seed` must be None or an integer in \[0, 2147483647\]"),
+    (dict(seed=1.0), TypeError, "`seed`"),
+    (dict(eps="0.1"), TypeError, "`eps`"),
+    (dict(verbose="yes"), TypeError, "`verbose` must be a bool"),
+])
+def test_bad_settings_are_refused_before_any_work(settings, error, message):
+    x = np.random.default_rng(11).normal(size=(50, 3))
+    with pytest.raises(error, match=message):
+        fit(x, **settings)
+
+
+def test_an_extreme_outlier_is_named_as_such():
+    x = np.random.default_rng(12).normal(size=(200, 2))
+    x[17, 1] = 1e30
+    with pytest.raises(ValueError, match=r"x has an extreme outlier: row 17, flat column 1 holds 1e\+30"):
+        fit(x, num_steps=2, verbose=False)
+    validation = np.random.default_rng(13).normal(size=(20, 2))
+    validation[3, 0] = -1e30
+    with pytest.raises(ValueError, match=r"validation_data row 3 lies .* an outlier"):
+        fit(np.random.default_rng(14).normal(size=(100, 2)), validation_data=validation,
+            num_steps=2, verbose=False)
+
+
+def test_columns_of_very_different_scales_fit_and_inputs_are_not_modified():
+    """Checks are scale-free: a column of scale 1e-7 next to one of scale 1e7 is no
+    "constant column"; the log-likelihood is the unit-scale one shifted by the log-det."""
+    rng = np.random.default_rng(15)
+    unit = datasets.toy("8gaussians", 400, seed=3).astype(np.float64)
+    scales = np.array([1e-7, 1e7])
+    x, validation = unit * scales, rng.normal(size=(50, 2)) * scales
+    x_before, validation_before = x.copy(), validation.copy()
+    kwargs = dict(num_steps=20, chunk_size=10, seed=0, patience=None, verbose=False)
+    scaled = fit(x, validation_data=validation, **kwargs)
+    reference = fit(unit, validation_data=validation / scales, **kwargs)
+    np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_array_equal(validation, validation_before)
+    shift = -np.sum(np.log(scales))
+    np.testing.assert_allclose(scaled.history["train_log_likelihood"],
+                               reference.history["train_log_likelihood"] + shift, atol=1e-6)
+    assert scaled.history["train_log_likelihood"][-1] > scaled.history["train_log_likelihood"][0]
+
+
+def test_helpers_check_their_arguments():
+    x = np.random.default_rng(16).normal(size=(20, 2)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"`batch_size` must be an integer in \[1, 20\]; given 0"):
+        static_batches(x, 0)
+    with pytest.raises(TypeError, match="`batch_size`"):
+        static_batches(x, True)
+    with pytest.raises(ValueError, match="`seed`"):
+        static_batches(x, 4, seed=-1)
+    with pytest.raises(TypeError, match="x must hold real numbers"):
+        static_batches(x.astype(str), 4)
+    with pytest.raises(ValueError, match="x must be finite"):
+        static_batches(np.full((5, 2), np.nan), 2)
+    with pytest.raises(TypeError, match="`result` must be a DualAscentResult"):
+        trainable_bijector(None)
+    with pytest.raises(TypeError, match="`num_points`"):
+        auto_eps(2.5, 2)
+    with pytest.raises(ValueError, match="`dim` must be a positive integer; given 0"):
+        auto_eps(100, 0)
+    assert auto_eps(100, 2) == pytest.approx(0.4)
+    result = fit(x.astype(np.float64), num_steps=3, chunk_size=3, validation_fraction=0.0,
+                 verbose=False)
+    with pytest.raises(ValueError, match=r"`num_steps` must be an integer in \[0, 3\]; given 4"):
+        result.bijector_at(4)
+    with pytest.raises(TypeError, match="`num_steps`"):
+        result.distribution_at(1.0)
 
 
 def test_export_reloads_without_tfp(tmp_path, eight_gaussians_fit):

@@ -205,15 +205,17 @@ def check_dtype(name: str, value, allowed: Sequence = (tf.float32, tf.float64)) 
     return dtype
 
 
-def check_samples(x, event_shape: Sequence[int], name: str = "x", min_rows: int = 1) -> np.ndarray:
+def check_samples(x, event_shape: Sequence[int] | None, name: str = "x",
+                  min_rows: int = 1) -> np.ndarray:
     """Return `x` as a NumPy array of shape `[N, *event_shape]` (N >= `min_rows`), all finite.
 
+    `event_shape=None` accepts any event shape of rank >= 1 with no zero-size dimension.
     Floating data keeps its dtype, integer data becomes float32. `TypeError` for bool,
     complex, string or object data; `ValueError` naming the expected and the given shape,
     or the number and position of the first non-finite value.
     """
-    event_shape = tuple(int(d) for d in event_shape)
-    expected = "[N, " + ", ".join(str(d) for d in event_shape) + "]"
+    expected = ("[N, *event_shape]" if event_shape is None
+                else "[N, " + ", ".join(str(int(d)) for d in event_shape) + "]")
     try:
         array = np.asarray(x)
     except (ValueError, TypeError) as error:
@@ -221,6 +223,14 @@ def check_samples(x, event_shape: Sequence[int], name: str = "x", min_rows: int 
             f"{name} must be an array of shape {expected}; given a {type(x).__name__} that "
             f"NumPy cannot make an array of ({error})."
         ) from None
+    if event_shape is None:
+        if array.ndim < 2 or 0 in array.shape[1:]:
+            raise ValueError(
+                f"{name} must have shape [N, *event_shape] (a batch of events with at least "
+                f"one dimension, none of size 0); given shape {list(array.shape)}."
+            )
+        event_shape = array.shape[1:]
+    event_shape = tuple(int(d) for d in event_shape)
     kind = array.dtype.kind
     if kind in "iu":
         array = array.astype(np.float32)

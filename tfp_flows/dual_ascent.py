@@ -36,8 +36,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_flows.bijectors.dual_ascent import DualAscentFlow, map_forward
-from tfp_flows.checks import check_samples
+from tfp_flows.bijectors.dual_ascent import (
+    FLOW_MAX_ABS_GAMMA, FLOW_MIN_SLOPE, DualAscentFlow, map_forward,
+)
+from tfp_flows.checks import (
+    check_fraction, check_integer, check_number, check_positive_integer, check_positive_number,
+    check_samples, check_seed,
+)
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -55,8 +60,8 @@ def auto_eps(num_points: int, dim: int) -> float:
     on the digits (D = 64, N ≈ 1300) test log-likelihood peaks for ε in [2, 4] (rule:
     3.5), while ε = 0.05 overfits within ~100 steps and ε = 8 barely moves.
     """
-    if num_points < 1 or dim < 1:
-        raise ValueError(f"auto_eps needs num_points >= 1 and dim >= 1; given {num_points}, {dim}.")
+    num_points = check_positive_integer("num_points", num_points)
+    dim = check_positive_integer("dim", dim)
     return 2.0 * dim / math.sqrt(num_points)
 
 
@@ -159,7 +164,7 @@ class DualAscentResult:
     event_shape: tuple
 
     def bijector_at(self, num_steps: int) -> tfb.Bijector:
-        """The fitted bijector truncated to its first `num_steps` steps."""
+        """The fitted bijector truncated to its first `num_steps` steps (0 to `self.num_steps`)."""
         return _assemble_bijector(_slice_flow(self.flow, num_steps), self.mean, self.cholesky,
                                   self.event_shape)
 
@@ -169,8 +174,7 @@ class DualAscentResult:
 
 
 def _slice_flow(flow: DualAscentFlow, num_steps: int) -> DualAscentFlow:
-    if not 0 <= num_steps <= flow.num_steps:
-        raise ValueError(f"num_steps must be in [0, {flow.num_steps}]; given {num_steps}.")
+    num_steps = check_integer("num_steps", num_steps, 0, flow.num_steps)
     return DualAscentFlow(flow.rotations[:num_steps], flow.sigma[:num_steps],
                           flow.shift[:num_steps], flow.gamma[:num_steps],
                           flow.center[:num_steps], flow.eps[:num_steps])
@@ -206,6 +210,9 @@ def trainable_bijector(result: DualAscentResult) -> tfb.Chain:
     `static_batches`. The steps compose, so the learning rate must be small (Adam 3e-5
     on 8gaussians).
     """
+    if not isinstance(result, DualAscentResult):
+        raise TypeError("`result` must be a DualAscentResult (what dual_ascent.fit returns); "
+                        f"given {type(result).__name__}.")
     flow = result.flow
     variables = {
         key: tf.Variable(getattr(flow, key), name=f"dual_ascent_{key}")
@@ -220,17 +227,43 @@ def static_batches(x, batch_size: int, seed: int | None = None) -> tf.data.Datas
 
     Use it to fine-tune `trainable_bijector(result)` under XLA from a dataset.
     """
-    array = np.asarray(x)
-    if batch_size < 1 or batch_size > len(array):
-        raise ValueError(f"batch_size must be in [1, {len(array)}] (the number of points); "
-                         f"given {batch_size}.")
+    array = check_samples(x, None, name="x")
+    batch_size = check_integer("batch_size", batch_size, 1, len(array))
+    seed = check_seed("seed", seed)
     dataset = tf.data.Dataset.from_tensor_slices(array)
     dataset = dataset.shuffle(len(array), seed=seed, reshuffle_each_iteration=True)
     return dataset.batch(batch_size, drop_remainder=True)
 
 
+# A point this many robust standard deviations (1.4826·MAD) from its column's median is
+# an outlier that whitening cannot absorb: the covariance would be its alone.
+OUTLIER_ROBUST_SDS = 1e8
+
+
+def _check_outliers(x: np.ndarray, name: str) -> None:
+    """Refuse a point more than `OUTLIER_ROBUST_SDS` robust standard deviations from its
+    column's median (columns with MAD = 0 are left to the constant-column check)."""
+    x64 = x.astype(np.float64)
+    median = np.median(x64, axis=0)
+    robust_sd = 1.4826 * np.median(np.abs(x64 - median), axis=0)
+    spread = np.abs(x64 - median) / np.where(robust_sd > 0, robust_sd, np.inf)
+    if spread.max() > OUTLIER_ROBUST_SDS:
+        row, column = np.unravel_index(int(np.argmax(spread)), spread.shape)
+        raise ValueError(
+            f"{name} has an extreme outlier: row {row}, flat column {column} holds "
+            f"{x64[row, column]:.3g}, {spread[row, column]:.3g} robust standard deviations "
+            f"(1.4826·MAD = {robust_sd[column]:.3g}) from the column's median "
+            f"{median[column]:.3g} (the limit is {OUTLIER_ROBUST_SDS:.0e}). Whitening by the "
+            "covariance would squash every other point together; remove or clip outliers, "
+            "or rescale the data first.")
+
+
 def _whitening(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and Cholesky factor of the covariance, refusing degenerate data."""
+    """Mean and Cholesky factor of the covariance, refusing degenerate data.
+
+    The checks are scale-free (each column against its own magnitude, linear dependence
+    on the correlation matrix), so columns of very different scales are fine.
+    """
     num_points, dim = x.shape
     if num_points <= dim:
         raise ValueError(
@@ -239,26 +272,28 @@ def _whitening(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
     x64 = x.astype(np.float64)
     mean = x64.mean(axis=0)
     centred = x64 - mean
-    variances = np.mean(centred**2, axis=0)
-    scale = max(float(variances.max()), np.finfo(np.float64).tiny)
-    constant = np.flatnonzero(variances <= 1e-12 * scale)
+    with np.errstate(over="ignore"):
+        variances = np.mean(centred**2, axis=0)
+        covariance = centred.T @ centred / num_points
+    if not np.isfinite(covariance).all():
+        raise ValueError(
+            f"{name} is too large to whiten: its covariance overflows float64 (largest "
+            f"|x - mean| = {np.abs(centred).max():.3g}); rescale the data first.")
+    magnitude = np.max(np.abs(x64), axis=0)
+    constant = np.flatnonzero(variances <= (1e-12 * magnitude) ** 2)
     if constant.size:
         raise ValueError(
             f"{name} has {constant.size} constant column(s) (zero variance), the first at "
             f"flat index {constant[:5].tolist()}: a density on a degenerate set has no finite "
             "log-likelihood. Remove these columns or dequantize (add noise) first.")
-    covariance = centred.T @ centred / num_points
-    try:
-        cholesky = np.linalg.cholesky(covariance)
-    except np.linalg.LinAlgError:
-        cholesky = None
-    if cholesky is None or np.min(np.diag(cholesky)) ** 2 <= 1e-12 * scale:
-        smallest = float(np.linalg.eigvalsh(covariance)[0])
+    scale = np.sqrt(variances)
+    smallest = float(np.linalg.eigvalsh(covariance / np.outer(scale, scale))[0])
+    if smallest <= 1e-10:
         raise ValueError(
-            f"{name} has a singular covariance (smallest eigenvalue {smallest:.3g}, largest "
-            f"variance {scale:.3g}): its columns are linearly dependent, so it has no density. "
+            f"{name} has a singular covariance (smallest eigenvalue of its correlation matrix "
+            f"{smallest:.3g}): its columns are linearly dependent, so it has no density. "
             "Remove dependent columns or add noise first.")
-    return mean, cholesky
+    return mean, np.linalg.cholesky(covariance)
 
 
 def _mean_log_likelihood(points, log_det):
@@ -361,43 +396,59 @@ def fit(
     chunk_size: int = 50,
     verbose: bool = True,
 ) -> DualAscentResult:
-    """Fit a density to `x` `[N, *event_shape]` by dual ascent; see the module docstring.
+    """Fit a density `q(x)` to `x` `[N, *event_shape]` by dual ascent; see the module docstring.
+
+    The fit is unconditional: conditional densities `p(x|c)` are not supported. Each
+    step's maps are fitted non-parametrically to the markers themselves (one `σ, φ0, γ`
+    per coordinate, shared by every point), so nothing in a step can depend on a context
+    `c`; a conditional flow needs parameters that are functions of `c` (a network), which
+    is what the SGD-trained builders in `tfp_flows.flows` provide.
+
+    Every argument is checked before any work; `x` and `validation_data` are copied,
+    never modified.
 
     Args:
-      x: data, any event shape (flattened to `D = prod(event_shape)` inside).
-      num_steps: the most steps to run.
+      x: finite real data, any event shape (flattened to `D = prod(event_shape)` inside).
+      num_steps: the most steps to run (an integer >= 0).
       validation_data: held-out points for early stopping; if None, a random
-        `validation_fraction` of `x` is held out (0 disables early stopping).
+        `validation_fraction` (in [0, 1)) of `x` is held out (0 disables early stopping).
       patience: stop once the validation log-likelihood has not improved for this many
         steps (checked between chunks); None runs all `num_steps`. With validation
         data the best prefix is kept either way.
-      seed: makes the split, the rotations and the kink locations reproducible.
-      eps: kink smoothing ε on whitened data; None uses `auto_eps(N, D)`.
-      max_step: cap on the Euclidean norm of each Newton step `(σ, φ0, γ)`.
-      max_abs_gamma, max_abs_sigma: per-step clips keeping each map invertible.
-      chunk_size: steps per compiled call (the progress bar refreshes between them).
-      verbose: show the progress bar.
+      seed: None or an integer in [0, 2**31 - 1]; makes the split, the rotations and the
+        kink locations reproducible.
+      eps: kink smoothing ε > 0 on whitened data; None uses `auto_eps(N, D)`.
+      max_step: cap (> 0) on the Euclidean norm of each Newton step `(σ, φ0, γ)`.
+      max_abs_gamma: per-step clip of |γ|, in [0, 0.999] (|γ| < 1 keeps φ' > 0).
+      max_abs_sigma: per-step clip of |σ|, in [0, 0.999] (the slope 1 − σ stays > 0).
+      chunk_size: steps per compiled call, >= 1 (the progress bar refreshes between them).
+      verbose: show the progress bar (a bool).
     """
-    array = np.asarray(x)
-    if array.ndim < 2:
-        raise ValueError(f"x must have shape [N, *event_shape]; given shape {list(array.shape)}.")
+    array = check_samples(x, None, name="x")
     event_shape = tuple(int(d) for d in array.shape[1:])
-    array = check_samples(array, event_shape, name="x")
+    num_steps = check_integer("num_steps", num_steps, minimum=0)
+    if patience is not None:
+        patience = check_positive_integer("patience", patience)
+    validation_fraction = check_fraction("validation_fraction", validation_fraction)
+    seed = check_seed("seed", seed)
+    eps = check_number("eps", eps, 0.0, inclusive_minimum=False, allow_none=True)
+    max_step = check_positive_number("max_step", max_step)
+    max_abs_gamma = check_number("max_abs_gamma", max_abs_gamma, 0.0, FLOW_MAX_ABS_GAMMA)
+    max_abs_sigma = check_number("max_abs_sigma", max_abs_sigma, 0.0, 1.0 - FLOW_MIN_SLOPE)
+    chunk_size = check_positive_integer("chunk_size", chunk_size)
+    if not isinstance(verbose, (bool, np.bool_)):
+        raise TypeError(f"`verbose` must be a bool; given {verbose!r} ({type(verbose).__name__}).")
+    if validation_data is not None:
+        validation_data = check_samples(validation_data, event_shape, name="validation_data")
     dtype = tf.float64 if array.dtype == np.float64 else tf.float32
     np_dtype = dtype.as_numpy_dtype
     dim = int(np.prod(event_shape))
     flat = array.reshape(len(array), dim).astype(np_dtype)
-    if int(num_steps) != num_steps or num_steps < 0:
-        raise ValueError(f"num_steps must be a non-negative integer; given {num_steps!r}.")
-    if patience is not None and (int(patience) != patience or patience < 1):
-        raise ValueError(f"patience must be a positive integer or None; given {patience!r}.")
-    if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1); given {validation_fraction!r}.")
+    _check_outliers(flat, "x")
     seed_value = int(np.random.default_rng(seed).integers(0, 2**31 - 1))
 
     if validation_data is not None:
-        held_out = check_samples(validation_data, event_shape, name="validation_data")
-        held_out = held_out.reshape(len(held_out), dim).astype(np_dtype)
+        held_out = validation_data.reshape(len(validation_data), dim).astype(np_dtype)
         markers = flat
     elif validation_fraction > 0.0:
         order = np.random.default_rng(seed_value).permutation(len(flat))
@@ -412,16 +463,21 @@ def fit(
     log_det_whitening = -float(np.sum(np.log(np.diag(cholesky))))
     if eps is None:
         eps = auto_eps(len(markers), dim)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0; given {eps!r}.")
 
     def whiten(points):
-        solved = np.linalg.solve(cholesky, (points.astype(np.float64) - mean).T).T
-        return tf.constant(solved.astype(np_dtype))
+        return np.linalg.solve(cholesky, (points.astype(np.float64) - mean).T).T
 
+    whitened_held_out = whiten(held_out)
+    if validation_data is not None and len(held_out) and (
+            np.abs(whitened_held_out).max() > OUTLIER_ROBUST_SDS):
+        row = int(np.argmax(np.abs(whitened_held_out).max(axis=1)))
+        raise ValueError(
+            f"validation_data row {row} lies {np.abs(whitened_held_out[row]).max():.3g} "
+            f"standard deviations of x from the mean of x (whitened; the limit is "
+            f"{OUTLIER_ROBUST_SDS:.0e}): an outlier or data on another scale.")
     settings = tf.constant([eps, max_step, max_abs_gamma, max_abs_sigma], dtype)
-    state = (whiten(markers), tf.zeros([len(markers)], dtype),
-             whiten(held_out), tf.zeros([len(held_out)], dtype))
+    state = (tf.constant(whiten(markers).astype(np_dtype)), tf.zeros([len(markers)], dtype),
+             tf.constant(whitened_held_out.astype(np_dtype)), tf.zeros([len(held_out)], dtype))
     train_curve = [float(_mean_log_likelihood(state[0], state[1])) + log_det_whitening]
     validation_curve = ([float(_mean_log_likelihood(state[2], state[3])) + log_det_whitening]
                         if has_validation else [])
