@@ -13,11 +13,14 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+from tensorflow_probability.python.internal import dtype_util
+from tensorflow_probability.python.internal import parameter_properties
 from tensorflow_probability.python.internal import prefer_static as ps
+from tensorflow_probability.python.internal import tensor_util
 
 tfb = tfp.bijectors
 
-__all__ = ["ActNorm", "Invertible1x1Conv", "Squeeze", "factor_out"]
+__all__ = ["ActNorm", "Invertible1x1Conv", "Squeeze", "factor_out", "rotation_lu"]
 
 
 def _check_channels(name: str, x: tf.Tensor, channels: int) -> None:
@@ -33,37 +36,35 @@ class ActNorm(tfb.Bijector):
     """Per-channel affine `x = (z + bias) * exp(log_scale)`; log-det `H W sum(log_scale)`.
 
     Acts on the last axis (one entry per channel; any number of leading event axes).
-    Both parameters live in one variable `bias_log_scale` (`[2, channels]`).
-    Data-dependent initialisation: the first `inverse` call (data to latent, the
-    direction `log_prob` uses, so the first training batch in `fit`) sets
-    `log_scale = log std(x)` and `bias = mean(x) / std(x)` per channel, so that batch
-    leaves with zero mean and unit variance. The init is branch-free (`tf.where` on a
-    non-trainable flag; a `tf.cond` compiled ~7 % slower and XLA turns it into a select
-    anyway) and sees the batch through `stop_gradient`, so it compiles under
-    `jit_compile=True` and adds nothing to the gradient. Until then the layer is the
-    identity. A call made, or a function traced, once the layer is initialised leaves
-    the init out of its graph: setting `initialized` back to 0 re-initialises in eager
-    calls and in functions traced afterwards, not in functions traced before.
+    `bias_log_scale` (`[2, channels]`, a tensor or `tf.Variable`) holds `bias` in row 0
+    and `log_scale` in row 1; zeros give the identity. Glow's data-dependent
+    initialisation is an explicit step, not a side effect of a call:
+    `ActNorm.initial_values(x)` returns the `bias_log_scale` that maps a batch `x`
+    (data side) to zero mean and unit variance per channel; the flows of
+    `tfp_flows.flows.glow` assign it through `Flow.initialize(batch)` (which
+    `FlowModel.fit` runs on the first training batch). The bijector itself is a pure
+    function of its parameter, so every forward/inverse pair is consistent.
     """
 
     def __init__(
         self,
-        channels: int,
-        dtype: tf.DType = tf.float32,
-        epsilon: float = 1e-6,
+        bias_log_scale,
         validate_args: bool = False,
         name: str = "act_norm",
     ):
         parameters = dict(locals())
-        if int(channels) != channels or channels < 1:
-            raise ValueError(f"{name}: `channels` must be a positive integer; given {channels!r}.")
         with tf.name_scope(name) as scope:
-            self._channels = int(channels)
-            self._epsilon = float(epsilon)
-            self._bias_log_scale = tf.Variable(tf.zeros([2, channels], dtype), name="bias_log_scale")
-            self._initialized = tf.Variable(
-                tf.zeros([], dtype), trainable=False, name="initialized"
+            dtype = dtype_util.common_dtype([bias_log_scale], dtype_hint=tf.float32)
+            self._bias_log_scale = tensor_util.convert_nonref_to_tensor(
+                bias_log_scale, dtype=dtype, name="bias_log_scale"
             )
+            shape = self._bias_log_scale.shape
+            if shape.rank != 2 or shape[0] != 2 or shape[1] is None:
+                raise ValueError(
+                    f"{name}: `bias_log_scale` must have shape [2, channels]; given "
+                    f"{shape.as_list() if shape.rank is not None else shape}."
+                )
+            self._channels = int(shape[1])
             super().__init__(
                 forward_min_event_ndims=1,
                 is_constant_jacobian=True,
@@ -73,77 +74,82 @@ class ActNorm(tfb.Bijector):
                 name=scope,
             )
 
+    @staticmethod
+    def initial_values(x, epsilon: float = 1e-6) -> tf.Tensor:
+        """`[2, C]`: `log_scale = ½ log(var(x) + ε)`, `bias = mean(x) / exp(log_scale)` per channel.
+
+        With these values `inverse(x)` has zero mean and unit variance per channel.
+        """
+        x = tf.convert_to_tensor(x)
+        mean, variance = tf.nn.moments(x, axes=list(range(x.shape.rank - 1)))
+        log_scale = 0.5 * tf.math.log(variance + tf.cast(epsilon, x.dtype))
+        return tf.stack([mean * tf.exp(-log_scale), log_scale])
+
     @property
-    def bias_log_scale(self) -> tf.Variable:
-        """The one trainable variable, `[2, channels]`: row 0 `bias`, row 1 `log_scale`."""
+    def bias_log_scale(self):
+        """The parameter, `[2, channels]`: row 0 `bias`, row 1 `log_scale`."""
         return self._bias_log_scale
 
     @property
     def bias(self) -> tf.Tensor:
-        return self._bias_log_scale[0]
+        return tf.convert_to_tensor(self._bias_log_scale)[0]
 
     @property
     def log_scale(self) -> tf.Tensor:
-        return self._bias_log_scale[1]
+        return tf.convert_to_tensor(self._bias_log_scale)[1]
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {"bias_log_scale": parameter_properties.ParameterProperties(event_ndims=2)}
 
     def _bias_and_log_scale(self) -> tuple[tf.Tensor, tf.Tensor]:
         bias, log_scale = tf.unstack(tf.convert_to_tensor(self._bias_log_scale))
         return bias, log_scale
-
-    @property
-    def initialized(self) -> tf.Variable:
-        """1 once a batch has initialised the layer, else 0."""
-        return self._initialized
-
-    @classmethod
-    def _parameter_properties(cls, dtype):
-        return {}
-
-    def _initialize_once(self, x: tf.Tensor) -> tf.Operation:
-        """Set the data-dependent values from `x` unless already initialised (branch-free)."""
-        batch = tf.stop_gradient(x)
-        mean, variance = tf.nn.moments(batch, axes=list(range(batch.shape.rank - 1)))
-        log_scale = 0.5 * tf.math.log(variance + self._epsilon)
-        from_data = tf.stack([mean * tf.exp(-log_scale), log_scale])
-        done = self._initialized > 0.5
-        return tf.group(
-            self._bias_log_scale.assign(tf.where(done, self._bias_log_scale, from_data)),
-            self._initialized.assign(tf.ones([], self._initialized.dtype)),
-        )
 
     def _forward(self, z):
         _check_channels(self.name, z, self._channels)
         bias, log_scale = self._bias_and_log_scale()
         return (z + bias) * tf.exp(log_scale)
 
-    def _initialized_at_trace_time(self) -> bool:
-        """Whether the flag is set now, read eagerly even while a function is traced."""
-        with tf.init_scope():
-            return tf.executing_eagerly() and bool(self._initialized.numpy() > 0.5)
-
     def _inverse(self, x):
         _check_channels(self.name, x, self._channels)
-        init = [] if self._initialized_at_trace_time() else [self._initialize_once(x)]
-        with tf.control_dependencies(init):
-            bias, log_scale = self._bias_and_log_scale()
-            return x * tf.exp(-log_scale) - bias
+        bias, log_scale = self._bias_and_log_scale()
+        return x * tf.exp(-log_scale) - bias
 
     def _forward_log_det_jacobian(self, z):
-        return tf.reduce_sum(self._bias_log_scale[1])
+        return tf.reduce_sum(self._bias_and_log_scale()[1])
+
+
+def rotation_lu(channels: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Glow's start for the 1x1 convolution: the LU factors of a random rotation.
+
+    Returns `(permutation, lower_upper, sign)` (float64 NumPy arrays) for
+    `Invertible1x1Conv`: a QR-orthogonal matrix `P L U` with `L` below, `U` above and
+    `log|s|` on the diagonal of `lower_upper`, `sign = sign(s)`.
+    """
+    if int(channels) != channels or channels < 1:
+        raise ValueError(f"rotation_lu: `channels` must be a positive integer; given {channels!r}.")
+    rng = np.random.default_rng(seed)
+    rotation, _ = np.linalg.qr(rng.standard_normal((int(channels), int(channels))))
+    permutation, lower, upper = _lu_with_partial_pivoting(rotation)
+    diagonal = np.diag(upper)
+    packed = np.tril(lower, -1) + np.triu(upper, 1) + np.diag(np.log(np.abs(diagonal)))
+    return permutation, packed, np.sign(diagonal)
 
 
 class Invertible1x1Conv(tfb.Bijector):
     """Invertible 1x1 convolution `x = W z` per position, `W = P L U`.
 
-    `P` is a constant permutation, `L` unit lower-triangular and `U` upper-triangular
-    with diagonal `sign * exp(log|s|)` (`sign` fixed at initialisation). All trainable
-    entries live in one `C x C` variable `lower_upper`, as in TFP's `ScaleMatvecLU`:
-    strictly below the diagonal `L`, strictly above it `U`, and on it `log|s|`, so `W`
-    is non-singular for any value of the variable. Log-det `H W sum(log|s|)` (per
-    position `sum(log|s|)`, summed by TFP over the spatial axes). The forward pass is a
-    matrix product; the inverse uses two triangular solves on `C x C` matrices. No
-    determinant or general matrix inverse is computed. Initialised at a random rotation
-    (the LU factors of a QR-orthogonal matrix).
+    `permutation` is a constant `C x C` permutation matrix `P`, `L` unit
+    lower-triangular and `U` upper-triangular with diagonal `sign * exp(log|s|)`.
+    All trainable entries live in one `C x C` parameter `lower_upper` (a tensor or
+    `tf.Variable`), as in TFP's `ScaleMatvecLU`: strictly below the diagonal `L`,
+    strictly above it `U`, and on it `log|s|`, so `W` is non-singular for any value.
+    `sign` (`[C]`, entries ±1) is constant. Log-det `H W sum(log|s|)` (per position
+    `sum(log|s|)`, summed by TFP over the spatial axes). The forward pass is a matrix
+    product; the inverse uses two triangular solves on `C x C` matrices. No
+    determinant or general matrix inverse is computed. `rotation_lu(C, seed)` gives
+    Glow's start, a random rotation.
 
     Glow applies `W` in the data-to-latent direction (TFP's inverse), so
     `tfp_flows.flows.glow` uses `tfb.Invert(Invertible1x1Conv(...))`: training
@@ -152,28 +158,47 @@ class Invertible1x1Conv(tfb.Bijector):
 
     def __init__(
         self,
-        channels: int,
-        seed: int | None = None,
-        dtype: tf.DType = tf.float32,
+        lower_upper,
+        permutation=None,
+        sign=None,
         validate_args: bool = False,
         name: str = "invertible_1x1_conv",
     ):
         parameters = dict(locals())
-        if int(channels) != channels or channels < 1:
-            raise ValueError(f"{name}: `channels` must be a positive integer; given {channels!r}.")
-        channels = int(channels)
-        rng = np.random.default_rng(seed)
-        rotation, _ = np.linalg.qr(rng.standard_normal((channels, channels)))
-        permutation, lower, upper = _lu_with_partial_pivoting(rotation)
-        diagonal = np.diag(upper)
-        eye = np.eye(channels)
-        packed = np.tril(lower, -1) + np.triu(upper, 1) + np.diag(np.log(np.abs(diagonal)))
         with tf.name_scope(name) as scope:
+            dtype = dtype_util.common_dtype([lower_upper], dtype_hint=tf.float32)
+            self._lower_upper = tensor_util.convert_nonref_to_tensor(
+                lower_upper, dtype=dtype, name="lower_upper"
+            )
+            shape = self._lower_upper.shape
+            if shape.rank != 2 or shape[0] is None or shape[0] != shape[1]:
+                raise ValueError(
+                    f"{name}: `lower_upper` must be a square matrix [C, C]; given shape "
+                    f"{shape.as_list() if shape.rank is not None else shape}."
+                )
+            channels = int(shape[0])
+            eye = np.eye(channels)
+            permutation = eye if permutation is None else np.asarray(permutation, np.float64)
+            sign = np.ones(channels) if sign is None else np.asarray(sign, np.float64)
+            is_permutation = (
+                permutation.shape == (channels, channels)
+                and np.all((permutation == 0) | (permutation == 1))
+                and np.all(permutation.sum(axis=0) == 1)
+                and np.all(permutation.sum(axis=1) == 1)
+            )
+            if not is_permutation:
+                raise ValueError(
+                    f"{name}: `permutation` must be a {channels} x {channels} permutation matrix; "
+                    f"given shape {list(permutation.shape)}."
+                )
+            if sign.shape != (channels,) or not np.all(np.abs(sign) == 1.0):
+                raise ValueError(
+                    f"{name}: `sign` must hold {channels} entries of +1 or -1; given {sign.tolist()}."
+                )
             self._channels = channels
             self._permutation = tf.constant(permutation, dtype)
-            self._lower_upper = tf.Variable(tf.constant(packed, dtype), name="lower_upper")
             self._eye = tf.constant(eye, dtype)
-            self._signed_eye = tf.constant(eye * np.sign(diagonal), dtype)
+            self._signed_eye = tf.constant(eye * sign, dtype)
             self._lower_mask = tf.constant(np.tril(np.ones((channels, channels)), -1), dtype)
             self._upper_mask = tf.constant(np.triu(np.ones((channels, channels)), 1), dtype)
             super().__init__(
@@ -187,10 +212,10 @@ class Invertible1x1Conv(tfb.Bijector):
 
     @classmethod
     def _parameter_properties(cls, dtype):
-        return {}
+        return {"lower_upper": parameter_properties.ParameterProperties(event_ndims=2)}
 
     @property
-    def lower_upper(self) -> tf.Variable:
+    def lower_upper(self):
         """Packed factors: `L` below the diagonal, `U` above it, `log|s|` on it."""
         return self._lower_upper
 

@@ -1,0 +1,154 @@
+"""What a flow is, independent of who holds its variables.
+
+A `Definition` lists a flow's parameters (names, float64 initial values, whether
+they train) and builds its TFP bijector from parameter values (tensors,
+`tf.Variable`s or Keras 3 variables' values) and an optional context. The front
+ends (`tfp_flows.flows.Flow` with `tf.Variable`s, `tfp_flows.keras3` layers with
+Keras 3 variables) own the variables and call `bijector(values, context)` when
+they need the transform, so every flow is written once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Mapping
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfp_flows.checks import check_dtype, check_positive_integer, check_seed
+
+tfb = tfp.bijectors
+
+__all__ = ["Definition", "Parameter", "BUILDERS", "define", "definition"]
+
+# Builder name -> function returning a `Definition`, filled by `@definition`.
+BUILDERS: dict[str, Callable[..., "Definition"]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """One array of a flow: its name, float64 initial value, and whether it trains."""
+
+    name: str
+    initial: np.ndarray
+    trainable: bool = True
+
+
+# `build(values, context, found)`: the bijector from parameter values. `found` is None,
+# or a dict that data-dependent layers fill with their values from the batch they see
+# in the inverse (data to latent) direction.
+BuildFn = Callable[[Mapping[str, tf.Tensor], "tf.Tensor | None", "dict | None"], tfb.Bijector]
+
+
+@dataclasses.dataclass(frozen=True)
+class Definition:
+    """A flow's parameters and how its bijector is built from them.
+
+    `builder` and `arguments` rebuild it (`define(builder, **arguments)`), which is
+    what saving a model's configuration records. `data_dependent` names the
+    parameters that `initial_values_from_data` sets from a batch (Glow's ActNorm);
+    `initialized_flag` is then the name of a non-trainable scalar parameter that
+    front ends set to 1 once that happened.
+    """
+
+    builder: str
+    arguments: dict
+    parameters: tuple[Parameter, ...]
+    build: BuildFn = dataclasses.field(repr=False)
+    dtype: tf.DType
+    event_shape: tuple[int, ...]
+    context_size: int | None = None
+    data_dependent: tuple[str, ...] = ()
+    initialized_flag: str | None = None
+
+    @property
+    def event_ndims(self) -> int:
+        return len(self.event_shape)
+
+    def check_context(self, context, owner: str) -> "tf.Tensor | None":
+        """The context as a tensor of this flow's dtype, or a clear error."""
+        if self.context_size is None:
+            if context is not None:
+                raise ValueError(
+                    f"{owner}: this flow is unconditional (built without `context_size`); "
+                    "given a context."
+                )
+            return None
+        if context is None:
+            raise ValueError(
+                f"{owner}: this flow is conditional on a context of size {self.context_size}; "
+                "pass `context` of shape [N, %d]." % self.context_size
+            )
+        context = tf.convert_to_tensor(context, self.dtype)
+        size = tf.compat.dimension_value(context.shape[-1]) if context.shape.rank else None
+        if context.shape.rank is not None and (context.shape.rank < 1 or size != self.context_size):
+            raise ValueError(
+                f"{owner}: `context` must have shape [..., {self.context_size}]; given shape "
+                f"{context.shape.as_list()}."
+            )
+        return context
+
+    def bijector(self, values: Mapping[str, tf.Tensor], context=None) -> tfb.Bijector:
+        """The flow's bijector (base to data) for these parameter values and context."""
+        return self.build(values, self.check_context(context, self.builder), None)
+
+    def initial_values_from_data(self, values: Mapping[str, tf.Tensor], x, context=None) -> dict:
+        """Values of the `data_dependent` parameters computed from a data batch `x`.
+
+        Runs the data-to-latent pass once; each data-dependent layer takes its values
+        from the batch that reaches it, with the layers before it already set.
+        """
+        found: dict = {}
+        context = self.check_context(context, self.builder)
+        self.build(values, context, found).inverse(tf.convert_to_tensor(x, self.dtype))
+        return found
+
+
+def definition(function: Callable[..., Definition]) -> Callable[..., Definition]:
+    """Register a function returning a `Definition` under its name (see `define`)."""
+    BUILDERS[function.__name__] = function
+    return function
+
+
+def define(builder: str, **arguments) -> Definition:
+    """The `Definition` made by the registered builder `builder` with `arguments`."""
+    if builder not in BUILDERS:
+        raise ValueError(
+            f"`builder` must be one of {', '.join(sorted(BUILDERS))}; given {builder!r}."
+        )
+    return BUILDERS[builder](**arguments)
+
+
+def common_arguments(builder: str, event_size, seed, dtype, context_size) -> tuple:
+    """Check the arguments every vector builder shares; return them normalised."""
+    event_size = check_positive_integer("event_size", event_size)
+    seed = check_seed("seed", seed)
+    dtype = check_dtype("dtype", dtype)
+    if context_size is not None:
+        context_size = check_positive_integer("context_size", context_size)
+    return event_size, seed, dtype, context_size
+
+
+def json_arguments(**arguments) -> dict:
+    """Builder arguments as JSON values (dtypes by name, tuples as lists)."""
+    def plain(value):
+        if isinstance(value, tf.DType):
+            return value.name
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+
+    return {name: plain(value) for name, value in arguments.items()}
+
+
+def seeded_rng(seed: int | None) -> np.random.Generator:
+    """The NumPy generator of a builder: equal seeds give bitwise-equal initial values."""
+    return np.random.default_rng(seed)
+
+
+@functools.lru_cache(maxsize=None)
+def softplus_inverse_one() -> float:
+    """`s` with `softplus(s) = 1`."""
+    return float(np.log(np.expm1(1.0)))
