@@ -93,15 +93,39 @@ def test_moons_and_pinwheel_and_spirals_are_centred_and_bounded():
         assert np.abs(x.mean(0)).max() < 0.35, name
 
 
-def test_toy_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="expected one of moons, 8gaussians"):
-        datasets.toy("swissroll", 10)
-    with pytest.raises(ValueError, match="n must be >= 1.*n=0"):
-        datasets.toy("moons", 0)
-    with pytest.raises(TypeError, match="integer"):
-        datasets.toy("moons", 2.5)
-    with pytest.raises(ValueError, match="only for '8gaussians'.*'moons'"):
+@pytest.mark.parametrize("args, kwargs, error, pattern", [
+    (("swissroll", 10), {}, ValueError, r"`name` must be one of 'moons', '8gaussians'.*given 'swissroll'"),
+    ((None, 10), {}, TypeError, "`name` must be one of"),
+    (("moons", 0), {}, ValueError, r"`n` must be a positive integer; given 0 \(int\)"),
+    (("moons", 2.5), {}, TypeError, r"`n` must be a positive integer; given 2\.5 \(float\)"),
+    (("moons", 10.0), {}, TypeError, "`n`"),
+    (("moons", "10"), {}, TypeError, "`n`"),
+    (("moons", True), {}, TypeError, "`n`"),
+    (("moons", 10), dict(seed=-1), ValueError, r"`seed` must be None or an integer in \[0, 2147483647\]"),
+    (("moons", 10), dict(seed=5 + 2**32), ValueError, "`seed`"),
+    (("moons", 10), dict(seed=2.5), TypeError, "`seed`"),
+    (("moons", 10), dict(seed=True), TypeError, "`seed`"),
+    (("moons", 10), dict(seed=[1, 2]), TypeError, "`seed`"),
+])
+def test_toy_rejects_bad_arguments(args, kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        datasets.toy(*args, **kwargs)
+
+
+def test_toy_accepts_numpy_integers():
+    np.testing.assert_array_equal(datasets.toy("rings", np.int64(9), seed=np.int32(4)),
+                                  datasets.toy("rings", 9, seed=4))
+
+
+def test_toy_log_prob_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"`name` must be '8gaussians' .*given 'moons'"):
         datasets.toy_log_prob("moons", np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="`name` must be one of"):
+        datasets.toy_log_prob("nope", np.zeros((3, 2)))
+    with pytest.raises(TypeError, match="x must hold real numbers; given dtype complex128"):
+        datasets.toy_log_prob("8gaussians", np.ones((3, 2), complex))
+    with pytest.raises(ValueError, match=r"x must be an array of shape \[N, 2\]"):
+        datasets.toy_log_prob("8gaussians", [[1.0, 2.0], [3.0]])
     with pytest.raises(ValueError, match=r"shape \[N, 2\].*\[3, 3\]"):
         datasets.toy_log_prob("8gaussians", np.zeros((3, 3)))
     with pytest.raises(ValueError, match="finite"):
@@ -168,8 +192,10 @@ def test_u2_envelope_gives_the_exact_normaliser():
 
 
 def test_energy_rejects_bad_input():
-    with pytest.raises(ValueError, match="expected one of U1, U2, U3, U4"):
+    with pytest.raises(ValueError, match="`name` must be one of 'U1', 'U2', 'U3', 'U4'; given 'U5'"):
         datasets.energy("U5")
+    with pytest.raises(TypeError, match="`name`"):
+        datasets.energy(1)
     log_p = datasets.energy("U1")
     with pytest.raises(ValueError, match=r"\[N, 2\].*\[4, 3\]"):
         log_p(tf.zeros([4, 3]))
@@ -177,6 +203,15 @@ def test_energy_rejects_bad_input():
         log_p(tf.zeros([2]))
     with pytest.raises(TypeError, match="int32"):
         log_p(tf.zeros([4, 2], tf.int32))
+    with pytest.raises(TypeError, match="z must be a float32 or float64 .* complex64"):
+        log_p(np.ones((3, 2), np.complex64))
+    with pytest.raises(TypeError, match="z must be a float32 or float64 .*NoneType"):
+        log_p(None)
+    with pytest.raises(ValueError, match=r"`z` must be finite; given 1 NaN/inf value\(s\), the first at index \(1, 0\)"):
+        log_p(np.array([[0.0, 1.0], [np.nan, 0.0]], np.float32))
+    # Traced (as in VI under XLA) the check adds no op that XLA cannot compile.
+    compiled = tf.function(log_p, jit_compile=True)
+    np.testing.assert_allclose(compiled(tf.zeros([3, 2])), log_p(tf.zeros([3, 2])), rtol=1e-6)
 
 
 # ---------------------------------------------------------------- digits
@@ -212,6 +247,88 @@ def test_digits_split_is_a_fixed_partition_of_the_bundled_images():
     np.testing.assert_array_equal(datasets.digits("train", seed=0), train)
 
 
-def test_digits_rejects_unknown_split():
-    with pytest.raises(ValueError, match="'train' or 'test'.*'valid'"):
+def test_digits_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="`split` must be one of 'train', 'test'; given 'valid'"):
         datasets.digits("valid")
+    with pytest.raises(TypeError, match="`split`"):
+        datasets.digits(1)
+    for seed, error in [(-1, ValueError), ("0", TypeError), (True, TypeError), (1.0, TypeError)]:
+        with pytest.raises(error, match="`seed`"):
+            datasets.digits("test", seed=seed)
+    assert datasets.digits("test", seed=None).shape == (359, 8, 8, 1)
+
+
+# ---------------------------------------------------------------- conditional toy data
+
+ROTATED = "rotated-8gaussians"
+
+
+def test_conditional_toy_is_a_rotation_of_8gaussians_and_deterministic():
+    x, c = datasets.conditional_toy(ROTATED, 2000, seed=7)
+    assert x.shape == c.shape == (2000, 2) and x.dtype == c.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(c.astype(np.float64), axis=1), 1.0, atol=1e-6)
+    again = datasets.conditional_toy(ROTATED, 2000, seed=7)
+    np.testing.assert_array_equal(x, again[0])
+    np.testing.assert_array_equal(c, again[1])
+    assert np.abs(datasets.conditional_toy(ROTATED, 2000, seed=8)[0] - x).max() > 0.1
+    # R(θ)ᵀ x gives back the unconditional points of the same seed.
+    cos, sin = c[:, 0].astype(np.float64), c[:, 1].astype(np.float64)
+    back = np.stack([cos * x[:, 0] + sin * x[:, 1], -sin * x[:, 0] + cos * x[:, 1]], axis=1)
+    np.testing.assert_allclose(back, datasets.toy("8gaussians", 2000, seed=7), atol=1e-5)
+    # θ is uniform: the angle of c has the moments of U[0, 2π).
+    theta = np.mod(np.arctan2(c[:, 1], c[:, 0]), 2 * np.pi)
+    assert abs(theta.mean() - np.pi) < 0.15 and abs(theta.var() - np.pi**2 / 3) < 0.3
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.3, np.pi / 8, 2.0, 5.5])
+def test_conditional_toy_density_integrates_to_one_and_matches_samples(theta):
+    step = 0.02
+    grid = np.arange(-6.0, 6.0, step) + step / 2
+    g1, g2 = np.meshgrid(grid, grid, indexing="ij")
+    points = np.stack([g1.ravel(), g2.ravel()], 1)
+    context = np.tile([np.cos(theta), np.sin(theta)], (len(points), 1))
+    log_p = datasets.conditional_toy_log_prob(ROTATED, points, context)
+    density = np.exp(log_p)
+    np.testing.assert_allclose(density.sum() * step**2, 1.0, atol=1e-4)
+    # The density follows the context: its modes sit at angles θ + kπ/4, and points
+    # rotated from them by π/8 (halfway to the next mode) are far less likely.
+    angles = theta + np.arange(8) * np.pi / 4
+    centres = datasets.EIGHT_GAUSSIANS_RADIUS * np.stack([np.cos(angles), np.sin(angles)], 1)
+    peak = datasets.conditional_toy_log_prob(ROTATED, centres, np.tile(context[0], (8, 1)))
+    between = datasets.conditional_toy_log_prob(
+        ROTATED, centres @ np.array([[np.cos(np.pi / 8), np.sin(np.pi / 8)],
+                                     [-np.sin(np.pi / 8), np.cos(np.pi / 8)]]),
+        np.tile(context[0], (8, 1)))
+    assert np.all(peak > between + 3)
+    # E[log p(x|c)] from the grid equals the mean log-density of samples (all contexts:
+    # a rotation keeps the entropy).
+    expected = np.sum(density * log_p) * step**2
+    x, c = datasets.conditional_toy(ROTATED, 40_000, seed=1)
+    np.testing.assert_allclose(datasets.conditional_toy_log_prob(ROTATED, x, c).mean(), expected,
+                               atol=0.02)
+
+
+def test_conditional_toy_rejects_bad_arguments():
+    x, c = datasets.conditional_toy(ROTATED, 5, seed=0)
+    with pytest.raises(ValueError, match="`name` must be one of 'rotated-8gaussians'"):
+        datasets.conditional_toy("8gaussians", 5)
+    with pytest.raises(TypeError, match="`n`"):
+        datasets.conditional_toy(ROTATED, 5.0)
+    with pytest.raises(ValueError, match="`seed`"):
+        datasets.conditional_toy(ROTATED, 5, seed=-3)
+    with pytest.raises(ValueError, match="x and c must have the same number of rows.*5 and 4"):
+        datasets.conditional_toy_log_prob(ROTATED, x, c[:4])
+    with pytest.raises(ValueError, match=r"c must have shape \[N, 2\].*\[5, 3\]"):
+        datasets.conditional_toy_log_prob(ROTATED, x, np.ones((5, 3)))
+    with pytest.raises(ValueError, match="c must be finite"):
+        datasets.conditional_toy_log_prob(ROTATED, x, np.full((5, 2), np.nan))
+    with pytest.raises(ValueError, match="x must be finite"):
+        datasets.conditional_toy_log_prob(ROTATED, np.full((5, 2), np.inf), c)
+    off_circle = c.astype(np.float64).copy()
+    off_circle[2] *= 1.001
+    with pytest.raises(ValueError, match=r"c must lie on the unit circle .*row 2 .* norm 1\.00"):
+        datasets.conditional_toy_log_prob(ROTATED, x, off_circle)
+    # Within the tolerance the context is normalised: the same density.
+    nearly = c.astype(np.float64) * (1 + 5e-7)
+    np.testing.assert_allclose(datasets.conditional_toy_log_prob(ROTATED, x, nearly),
+                               datasets.conditional_toy_log_prob(ROTATED, x, c), rtol=1e-12)

@@ -6,6 +6,10 @@
 * `energy(name)`: the unnormalised log-densities `log p̃(z) = -U(z)` of Rezende & Mohamed
   (2015), Table 1, as TensorFlow functions of `[N, 2]` tensors.
 * `digits(split, seed)`: scikit-learn's bundled 8×8 digits, dequantized to [0, 1).
+* `conditional_toy(name, n, seed)`: `(x, c)` pairs from a conditional density `p(x|c)`
+  with an exact `conditional_toy_log_prob(name, x, c)` (`rotated-8gaussians`).
+
+Every argument is checked (`tfp_flows.checks`) before any work.
 """
 from __future__ import annotations
 
@@ -15,10 +19,15 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from tfp_flows.checks import check_samples
+from tfp_flows.checks import (
+    check_choice, check_finite_tensor, check_positive_integer, check_samples, check_seed,
+)
 
 TOY_NAMES = ("moons", "8gaussians", "checkerboard", "pinwheel", "2spirals", "rings")
+CONDITIONAL_TOY_NAMES = ("rotated-8gaussians",)
 ENERGY_NAMES = ("U1", "U2", "U3", "U4")
+UNIT_CIRCLE_TOLERANCE = 1e-6
+"""How far from 1 the norm of a context `c = (cos θ, sin θ)` may be."""
 DIGITS_LEVELS = 17
 """Number of grey levels of the digits images (integers 0..16); dequantized values are
 `(v + u) / DIGITS_LEVELS`, so a bits/dim figure uses a bin width of 1/17."""
@@ -28,14 +37,6 @@ _DIGITS_SPLIT_SEED = 20240601
 # 8 Gaussians: centres 4·(cos kπ/4, sin kπ/4) with std 0.5, then everything divided by √2.
 EIGHT_GAUSSIANS_RADIUS = 4.0 / math.sqrt(2.0)
 EIGHT_GAUSSIANS_STD = 0.5 / math.sqrt(2.0)
-
-
-def _check_n(n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"n must be an integer number of points; given {n!r} ({type(n).__name__}).")
-    if n < 1:
-        raise ValueError(f"n must be >= 1 points; given n={n}.")
-    return int(n)
 
 
 def _eight_gaussians_centres() -> np.ndarray:
@@ -119,10 +120,9 @@ def toy(name: str, n: int, seed: int | None = None) -> np.ndarray:
     Names: moons, 8gaussians, checkerboard, pinwheel, 2spirals, rings (FFJORD's toy data).
     The same `seed` gives the same points (`np.random.default_rng(seed)`).
     """
-    if name not in _TOY_SAMPLERS:
-        raise ValueError(f"Unknown toy data set {name!r}; expected one of {', '.join(TOY_NAMES)}.")
-    n = _check_n(n)
-    rng = np.random.default_rng(seed)
+    name = check_choice("name", name, TOY_NAMES)
+    n = check_positive_integer("n", n)
+    rng = np.random.default_rng(check_seed("seed", seed))
     return _TOY_SAMPLERS[name](n, rng).astype(np.float32)
 
 
@@ -132,11 +132,15 @@ def toy_log_prob(name: str, x) -> np.ndarray:
     Known only for `8gaussians`: `log p(x) = log( (1/8) Σ_k N(x; μ_k, s² I) )` with
     `μ_k = 4·(cos kπ/4, sin kπ/4)/√2` and `s = 0.5/√2`.
     """
+    name = check_choice("name", name, TOY_NAMES)
     if name != "8gaussians":
         raise ValueError(
-            f"The exact density is known only for '8gaussians'; given {name!r}."
+            f"`name` must be '8gaussians' (the only toy data set with a known density); given {name!r}."
         )
-    points = check_samples(x, (2,), name="x").astype(np.float64)
+    return _eight_gaussians_log_prob(check_samples(x, (2,), name="x").astype(np.float64))
+
+
+def _eight_gaussians_log_prob(points: np.ndarray) -> np.ndarray:
     squared = np.sum((points[:, None, :] - _eight_gaussians_centres()[None]) ** 2, axis=-1)
     log_components = (
         -0.5 * squared / EIGHT_GAUSSIANS_STD**2
@@ -148,12 +152,18 @@ def toy_log_prob(name: str, x) -> np.ndarray:
 
 
 def _check_energy_input(z) -> tf.Tensor:
-    z = tf.convert_to_tensor(z)
-    if not z.dtype.is_floating:
+    try:
+        z = tf.convert_to_tensor(z)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"z must be a float32 or float64 tensor of shape [N, 2]; given {type(z).__name__} "
+            f"that TensorFlow cannot convert ({error})") from None
+    if z.dtype not in (tf.float32, tf.float64):
         raise TypeError(f"z must be a float32 or float64 tensor of shape [N, 2]; given dtype {z.dtype.name}.")
     if z.shape.rank is not None and (z.shape.rank != 2 or z.shape[-1] not in (2, None)):
         raise ValueError(f"z must have shape [N, 2]; given shape {z.shape.as_list()}.")
-    return z
+    # Eagerly NaN/inf points are refused at once; traced (VI under XLA) they pass through.
+    return check_finite_tensor("z", z) if tf.executing_eagerly() else z
 
 
 def _safe_norm(z: tf.Tensor) -> tf.Tensor:
@@ -217,8 +227,7 @@ def energy(name: str) -> Callable[[tf.Tensor], tf.Tensor]:
     evaluated with `reduce_logsumexp`. The function takes `[N, 2]` float32 or float64
     tensors, returns `[N]` and compiles with XLA.
     """
-    if name not in _ENERGIES:
-        raise ValueError(f"Unknown energy {name!r}; expected one of {', '.join(ENERGY_NAMES)}.")
+    name = check_choice("name", name, ENERGY_NAMES)
     log_p = _ENERGIES[name]
     with_envelope = name != "U1"
 
@@ -234,17 +243,18 @@ def energy(name: str) -> Callable[[tf.Tensor], tf.Tensor]:
     return log_p_tilde
 
 
-def digits(split: str = "train", seed: int = 0) -> np.ndarray:
+def digits(split: str = "train", seed: int | None = 0) -> np.ndarray:
     """scikit-learn's 1797 bundled 8×8 digits, dequantized, as float32 `[N, 8, 8, 1]` in [0, 1).
 
     Each pixel `v ∈ {0, …, 16}` becomes `(v + u) / 17` with `u ~ U[0, 1)` drawn from
     `np.random.default_rng(seed)`, so a model's density on [0, 1)^64 relates to the discrete
     probability by `log P(v) ≥ E_u[log p(y)] - 64·log 17` (bits/dim use `DIGITS_LEVELS`).
     The split is fixed, independent of `seed`: a permutation with a constant seed puts the
-    first 20% (359 images) in `test` and the remaining 1438 in `train`.
+    first 20% (359 images) in `test` and the remaining 1438 in `train`. `seed=None`
+    draws fresh noise.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test'; given {split!r}.")
+    split = check_choice("split", split, ("train", "test"))
+    seed = check_seed("seed", seed)
     from sklearn.datasets import load_digits
 
     images = load_digits().images.astype(np.float64)
@@ -252,8 +262,57 @@ def digits(split: str = "train", seed: int = 0) -> np.ndarray:
     num_test = int(round(DIGITS_TEST_FRACTION * len(images)))
     chosen = order[:num_test] if split == "test" else order[num_test:]
     values = images[chosen]
-    noise = np.random.default_rng([seed, split == "test"]).uniform(size=values.shape)
+    noise_rng = np.random.default_rng(None if seed is None else [seed, split == "test"])
+    noise = noise_rng.uniform(size=values.shape)
     dequantized = (values + noise) / DIGITS_LEVELS
     # float32 rounding could map values just below 1 to exactly 1.0; keep them in [0, 1).
     dequantized = np.minimum(dequantized.astype(np.float32), np.float32(1.0) - np.finfo(np.float32).epsneg)
     return dequantized[..., None]
+
+
+def conditional_toy(name: str, n: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Draw `n` pairs `(x, c)` from a 2-D conditional toy density, as float32 `[n, 2]` each.
+
+    `rotated-8gaussians`: `θ ~ U[0, 2π)`, the context `c = (cos θ, sin θ)` and
+    `x = R(θ) y` with `y` an 8gaussians point and `R(θ) = [[cos θ, −sin θ], [sin θ, cos θ]]`.
+    The `y` are those of `toy("8gaussians", n, seed)` (drawn first from the same
+    generator), so `R(θ)ᵀ x` recovers them. The same `seed` gives the same pairs.
+    """
+    name = check_choice("name", name, CONDITIONAL_TOY_NAMES)
+    n = check_positive_integer("n", n)
+    rng = np.random.default_rng(check_seed("seed", seed))
+    points = _eight_gaussians(n, rng)
+    theta = rng.uniform(0.0, 2.0 * np.pi, size=n)
+    cos, sin = np.cos(theta), np.sin(theta)
+    x = np.stack([cos * points[:, 0] - sin * points[:, 1],
+                  sin * points[:, 0] + cos * points[:, 1]], axis=1)
+    return x.astype(np.float32), np.stack([cos, sin], axis=1).astype(np.float32)
+
+
+def conditional_toy_log_prob(name: str, x, c) -> np.ndarray:
+    """Exact `log p(x|c)` (float64 `[N]`) of the conditional toy density `name`.
+
+    `rotated-8gaussians`: a rotation keeps volume, so `log p(x|c) = log p_8g(R(θ)ᵀ x)` with
+    `(cos θ, sin θ) = c`, `R(θ)ᵀ x = (c₁x₁ + c₂x₂, −c₂x₁ + c₁x₂)` and `p_8g` the density of
+    `toy_log_prob("8gaussians", ·)`. `x` and `c` are `[N, 2]` with equal N; each `c` must
+    lie on the unit circle (`|‖c‖ − 1| <= 1e-6`; it is then normalised).
+    """
+    name = check_choice("name", name, CONDITIONAL_TOY_NAMES)
+    points = check_samples(x, (2,), name="x").astype(np.float64)
+    context = check_samples(c, (2,), name="c").astype(np.float64)
+    if len(points) != len(context):
+        raise ValueError(
+            f"x and c must have the same number of rows (one context per point); given "
+            f"{len(points)} and {len(context)}.")
+    norm = np.linalg.norm(context, axis=1)
+    off = np.abs(norm - 1.0)
+    if off.max() > UNIT_CIRCLE_TOLERANCE:
+        row = int(np.argmax(off))
+        raise ValueError(
+            f"c must lie on the unit circle (c = (cos θ, sin θ), |‖c‖ - 1| <= "
+            f"{UNIT_CIRCLE_TOLERANCE:g}); given row {row} = {context[row].tolist()} of norm "
+            f"{norm[row]:.9g}.")
+    cos, sin = (context / norm[:, None]).T
+    rotated_back = np.stack([cos * points[:, 0] + sin * points[:, 1],
+                             -sin * points[:, 0] + cos * points[:, 1]], axis=1)
+    return _eight_gaussians_log_prob(rotated_back)
