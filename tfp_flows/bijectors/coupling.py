@@ -11,9 +11,11 @@ With `event_ndims=1` the event is a vector; with `event_ndims=3` it is an image
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import assert_util
@@ -25,9 +27,36 @@ from tensorflow_probability.python.internal import tensor_util
 
 tfb = tfp.bijectors
 
-__all__ = ["AdditiveCoupling", "AffineCoupling", "NICERescale"]
+__all__ = ["AdditiveCoupling", "AffineCoupling", "NICERescale", "max_log_scale"]
 
 SCALE_TYPES = ("sigmoid", "exp")
+
+
+def _wants_output_units(fn: Callable) -> bool:
+    """Whether `fn` follows TFP's `fn(x, output_units)` convention (as `RealNVP` calls it).
+
+    True for a `tf.compat.v1` template (what `tfb.real_nvp_default_template`
+    returns) wrapping such a function, or a function with a parameter named
+    `output_units` or two required positional parameters. Keras layers and
+    one-argument functions are called as `fn(x)`.
+    """
+    if hasattr(fn, "get_config"):  # a Keras layer or model
+        return False
+    target = getattr(fn, "_func", fn)  # tf.compat.v1 templates keep the function here
+    try:
+        parameters = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    required = [
+        p for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(required) >= 2 or any(p.name == "output_units" for p in parameters)
+
+
+def max_log_scale(dtype) -> float:
+    """`L = −log(tiny) − 1` (86.3 in float32, 707.4 in float64): `exp(±L)` is a finite normal number."""
+    return -math.log(float(np.finfo(dtype_util.as_numpy_dtype(dtype)).tiny)) - 1.0
 
 
 class _Coupling(tfb.Bijector):
@@ -62,6 +91,7 @@ class _Coupling(tfb.Bijector):
         self._num_masked = int(num_masked)
         self._event_ndims = int(event_ndims)
         self._outputs_per_entry = outputs_per_entry
+        self._pass_output_units = _wants_output_units(conditioner)
         super().__init__(
             forward_min_event_ndims=event_ndims,
             is_constant_jacobian=outputs_per_entry == 1,
@@ -94,29 +124,59 @@ class _Coupling(tfb.Bijector):
             )
         return x[..., : self._num_masked], x[..., self._num_masked :]
 
-    def _conditioner_outputs(self, conditioning: tf.Tensor, num_transformed: int) -> tf.Tensor:
-        """Run the conditioner on `conditioning` with all batch axes folded into one."""
+    def _conditioner_outputs(
+        self, conditioning: tf.Tensor, num_transformed: int, allow_pair: bool = False
+    ) -> tuple[list, bool]:
+        """Run the conditioner on `conditioning` with all batch axes folded into one.
+
+        Returns `(outputs, is_pair)`: one tensor of `outputs_per_entry ×
+        num_transformed` entries, or (with `allow_pair`) the two tensors of a
+        `(shift, log_scale)` pair of `num_transformed` entries each (either may be
+        None, as in TFP). Each is reshaped back to the batch shape of `conditioning`.
+        """
         shape = ps.shape(conditioning)
         batch_shape = shape[: ps.rank(conditioning) - self._event_ndims]
         event_shape = shape[ps.rank(conditioning) - self._event_ndims :]
         flat = tf.reshape(conditioning, ps.concat([[-1], event_shape], axis=0))
-        outputs = tf.convert_to_tensor(self._conditioner(flat))
-        expected = self._outputs_per_entry * num_transformed
-        given = tf.compat.dimension_value(outputs.shape[-1])
-        if given != expected or outputs.shape.rank != self._event_ndims + 1:
+        if self._pass_output_units:
+            raw = self._conditioner(flat, num_transformed)
+        else:
+            raw = self._conditioner(flat)
+        is_pair = isinstance(raw, (tuple, list))
+        if is_pair and (not allow_pair or len(raw) != 2):
             raise ValueError(
-                f"{self.name}: the conditioner must map a batch of shape [N, ..., "
-                f"{self._num_masked}] to one of rank {self._event_ndims + 1} ending in "
-                f"{expected} ({self._outputs_per_entry} x {num_transformed} transformed "
-                f"entries); given output shape {outputs.shape.as_list()}."
+                f"{self.name}: the conditioner must return one tensor"
+                + (" or a (shift, log_scale) pair" if allow_pair else "")
+                + f"; given a {type(raw).__name__} of {len(raw)} elements."
             )
-        if outputs.dtype != conditioning.dtype:
-            raise TypeError(
-                f"{self.name}: the conditioner must return dtype {conditioning.dtype.name} "
-                f"like its input; given {outputs.dtype.name}."
-            )
-        out_event_shape = ps.shape(outputs)[1:]
-        return tf.reshape(outputs, ps.concat([batch_shape, out_event_shape], axis=0))
+        parts = list(raw) if is_pair else [raw]
+        expected = num_transformed if is_pair else self._outputs_per_entry * num_transformed
+        outputs = []
+        for part in parts:
+            if part is None:
+                outputs.append(None)
+                continue
+            part = tf.convert_to_tensor(part)
+            given = tf.compat.dimension_value(part.shape[-1]) if part.shape.rank else None
+            if given != expected or part.shape.rank != self._event_ndims + 1:
+                what = (
+                    f"each of shift and log_scale ending in {expected}" if is_pair else
+                    f"one ending in {expected} ({self._outputs_per_entry} x "
+                    f"{num_transformed} transformed entries)"
+                )
+                raise ValueError(
+                    f"{self.name}: the conditioner must map a batch of shape [N, ..., "
+                    f"{self._num_masked}] to tensors of rank {self._event_ndims + 1}, "
+                    f"{what}; given output shape {part.shape.as_list()}."
+                )
+            if part.dtype != conditioning.dtype:
+                raise TypeError(
+                    f"{self.name}: the conditioner must return dtype {conditioning.dtype.name} "
+                    f"like its input; given {part.dtype.name}."
+                )
+            out_event_shape = ps.shape(part)[1:]
+            outputs.append(tf.reshape(part, ps.concat([batch_shape, out_event_shape], axis=0)))
+        return outputs, is_pair
 
     def _sum_event(self, values: tf.Tensor) -> tf.Tensor:
         return tf.reduce_sum(values, axis=list(range(-self._event_ndims, 0)))
@@ -141,7 +201,7 @@ class AdditiveCoupling(_Coupling):
         super().__init__(shift_fn, num_masked, event_ndims, 1, parameters, validate_args, name)
 
     def _shift(self, conditioning: tf.Tensor, num_transformed: int) -> tf.Tensor:
-        return self._conditioner_outputs(conditioning, num_transformed)
+        return self._conditioner_outputs(conditioning, num_transformed)[0][0]
 
     def _forward(self, z):
         z_a, z_b = self._split(z)
@@ -156,14 +216,28 @@ class AdditiveCoupling(_Coupling):
 
 
 class AffineCoupling(_Coupling):
-    """RealNVP affine coupling: `x_a = z_a`, `x_b = z_b * exp(s) + t`; log-det `sum(s)`.
+    """RealNVP affine coupling: `x_a = z_a`, `x_b = z_b · exp(s) + t`; log-det `Σ s`.
 
-    `shift_and_log_scale_fn` maps the conditioning part `[N, ..., d]` to
-    `[N, ..., 2 (D - d)]`, read as `[t, h]` along the last axis. The log-scale is
-    bounded by default: `scale_type='sigmoid'` uses `exp(s) = 2 sigmoid(h)` in (0, 2)
-    (the identity at h = 0, so a zero-initialised last layer starts as the identity);
-    `scale_type='exp'` uses the unbounded `s = h` of the RealNVP paper.
-    Inverse: `z_b = (x_b - t) * exp(-s)`, log-det `-sum(s)`.
+    `shift_and_log_scale_fn` maps the conditioning part `[N, ..., d]` either to one
+    tensor `[N, ..., 2 (D − d)]`, read as `[t, h]` along the last axis, or (TFP's
+    `RealNVP` convention) to a pair `(t, s)` of `[N, ..., D − d]` each; a function
+    taking `(x, output_units)` (e.g. `tfb.real_nvp_default_template(...)`) is
+    called with `output_units = D − d`, like `RealNVP` calls it.
+
+    - One tensor: the log-scale comes from `h` by `scale_type`: `'sigmoid'`
+      (default) `exp(s) = 2 sigmoid(h)` in (0, 2), i.e. `s = log 2 − softplus(−h)`,
+      the identity at h = 0 (a zero-initialised last layer starts as the identity);
+      `'exp'`: the unbounded `s = h` of the RealNVP paper.
+    - A pair: `s` is the log-scale as given (TFP's `x_b = z_b · exp(s) + t`);
+      `scale_type` does not apply.
+
+    In every case the applied log-scale is clipped to `[−L, L]`, `L = −log(tiny) − 1`
+    (86.3 in float32, 707.4 in float64), so that `exp(±s)` are finite normal numbers:
+    forward, inverse and log-det stay finite and consistent for every finite
+    conditioner output (the log-det is `Σ` of the clipped `s`, the gradient
+    w.r.t. `h` is zero beyond the clip; only a conditioner gone degenerate gets
+    there). Inverse: `z_b = (x_b − t) · exp(−s)`, log-det `−Σ s`.
+    Tested range: `|h|` and `|s|` up to 1e4, float32 and float64.
     """
 
     def __init__(
@@ -190,13 +264,22 @@ class AffineCoupling(_Coupling):
         return self._scale_type
 
     def _shift_and_log_scale(self, conditioning: tf.Tensor, num_transformed: int):
-        outputs = self._conditioner_outputs(conditioning, num_transformed)
-        shift, raw = tf.split(outputs, 2, axis=-1)
-        if self._scale_type == "sigmoid":
-            log_scale = tf.math.log_sigmoid(raw) + tf.constant(math.log(2.0), raw.dtype)
+        outputs, is_pair = self._conditioner_outputs(conditioning, num_transformed, allow_pair=True)
+        if is_pair:
+            shift, log_scale = outputs
+            reference = shift if shift is not None else log_scale
+            if reference is None:
+                raise ValueError(f"{self.name}: the conditioner returned (None, None).")
+            shift = tf.zeros_like(reference) if shift is None else shift
+            log_scale = tf.zeros_like(reference) if log_scale is None else log_scale
         else:
-            log_scale = raw
-        return shift, log_scale
+            shift, raw = tf.split(outputs[0], 2, axis=-1)
+            if self._scale_type == "sigmoid":
+                log_scale = tf.constant(math.log(2.0), raw.dtype) - tf.math.softplus(-raw)
+            else:
+                log_scale = raw
+        bound = max_log_scale(log_scale.dtype)
+        return shift, tf.clip_by_value(log_scale, -bound, bound)
 
     # The conditioner runs once per direction: TFP's greedy-attribute cache stores the
     # log-det computed with the transform, so `log_prob` (inverse, then its log-det on
