@@ -216,6 +216,8 @@ def check_samples(x, event_shape: Sequence[int] | None, name: str = "x",
     """
     expected = ("[N, *event_shape]" if event_shape is None
                 else "[N, " + ", ".join(str(int(d)) for d in event_shape) + "]")
+    if x is None:
+        raise TypeError(f"{name} must be an array of shape {expected}; given None.")
     try:
         array = np.asarray(x)
     except (ValueError, TypeError) as error:
