@@ -250,7 +250,8 @@ def fit(
 ) -> VIResult:
     """Fit `q = bijector_# base` to the unnormalised density `exp(target_log_prob)` by maximising the ELBO.
 
-    Step `t` draws `z ~ base` (stateless, seeded by `(seed, t)`, so a seed fixes the run), sets
+    Step `t` draws `z ~ base` (stateless, seeded by `(seed, t)`, so a seed fixes the run; the
+    default N(0, I) base by Philox), sets
     `x = f(z)`, `log q(x) = log base(z) − log|det ∂f/∂z|` and takes an Adam step on
     `mean(log q(x) − β_t · log p̃(x))`, β_t from `inverse_temperature` (annealing over
     `annealing_steps`, default `num_steps // 2`; 0 turns it off). `learning_rate` is a number > 0
@@ -280,7 +281,8 @@ def fit(
     if bijector.forward_min_event_ndims > 1:
         raise ValueError(f"`bijector` must act on vectors (forward_min_event_ndims <= 1); given "
                          f"{bijector.forward_min_event_ndims}.")
-    if base_distribution is None:
+    standard_base = base_distribution is None
+    if standard_base:
         dtype = check_dtype("dtype", dtype)
         base_distribution = tfd.MultivariateNormalDiag(loc=tf.zeros([event_size], dtype))
     _check_vector_distribution("base_distribution", base_distribution, event_size)
@@ -292,8 +294,16 @@ def fit(
         seed = int(np.random.default_rng().integers(2**31 - 1))
 
     def draw(step):
+        """`x = f(z)` and `log q(x) = log base(z) − log|det ∂f/∂z|` for a batch seeded by `(seed, step)`."""
         stateless_seed = tf.stack([tf.constant(seed, tf.int32), tf.cast(step, tf.int32)])
-        return distribution.experimental_sample_and_log_prob(batch_size, seed=stateless_seed)
+        if standard_base:
+            # Philox explicitly: under XLA on CPU the default algorithm (which TFP's samplers
+            # use) took 30x as long for 640 000 normals (1.58 s against 0.056 s, TF 2.21).
+            z = tf.random.stateless_normal([batch_size, event_size], stateless_seed, dtype=dtype, alg="philox")
+        else:
+            z = base_distribution.sample(batch_size, seed=stateless_seed)
+        x = bijector.forward(z)
+        return x, base_distribution.log_prob(z) - bijector.forward_log_det_jacobian(z, event_ndims=1)
 
     # Eager pass on the first batch: builds lazily created variables (e.g. an IAF network)
     # and refuses a bad target before any compilation.
@@ -385,12 +395,11 @@ def distill(
     if shared:
         raise ValueError(f"`student` and `teacher` must not share variables (the teacher stays "
                          f"fixed); shared: {shared}.")
-    if base_distribution is None:
-        base_distribution = tfd.MultivariateNormalDiag(loc=tf.zeros([event_size], teacher.dtype))
     return fit(
         student, teacher.log_prob, event_size, num_steps, batch_size, seed,
         learning_rate=learning_rate, annealing_steps=annealing_steps, initial_beta=initial_beta,
-        base_distribution=base_distribution, steps_per_call=steps_per_call, verbose=verbose,
+        base_distribution=base_distribution, dtype=teacher.dtype, steps_per_call=steps_per_call,
+        verbose=verbose,
     )
 
 
