@@ -6,7 +6,7 @@ import tensorflow_probability as tfp
 import tf_keras
 
 from tfp_flows import FlowModel
-from tfp_flows.bijectors import ActNorm, Invertible1x1Conv, Squeeze, factor_out
+from tfp_flows.bijectors import ActNorm, Invertible1x1Conv, Squeeze, factor_out, rotation_lu
 from flow_checks import autodiff_log_det, fresh
 
 tfb = tfp.bijectors
@@ -14,17 +14,21 @@ tfd = tfp.distributions
 
 
 def initialised_act_norm(channels, dtype):
-    act_norm = ActNorm(channels, dtype=dtype)
     rng = np.random.default_rng(5)
-    act_norm.inverse(tf.constant(rng.normal(2.0, 3.0, size=[8, 4, 4, channels]), dtype))
-    return act_norm
+    batch = tf.constant(rng.normal(2.0, 3.0, size=[8, 4, 4, channels]), dtype)
+    return ActNorm(tf.Variable(ActNorm.initial_values(batch)))
+
+
+def conv1x1(channels, seed=0, dtype=tf.float32):
+    permutation, lower_upper, sign = rotation_lu(channels, seed)
+    return Invertible1x1Conv(tf.Variable(lower_upper.astype(dtype.as_numpy_dtype)), permutation, sign)
 
 
 def make_bijectors(dtype):
-    inner = tfb.Chain([Invertible1x1Conv(2, seed=3, dtype=dtype), initialised_act_norm(2, dtype)])
+    inner = tfb.Chain([conv1x1(2, seed=3, dtype=dtype), initialised_act_norm(2, dtype)])
     return {
         "act_norm": initialised_act_norm(4, dtype),
-        "conv1x1": Invertible1x1Conv(4, seed=1, dtype=dtype),
+        "conv1x1": conv1x1(4, seed=1, dtype=dtype),
         "squeeze": Squeeze(),
         "unsqueeze": tfb.Invert(Squeeze()),
         "factor_out": factor_out(inner, num_kept=2, channels=4),
@@ -66,66 +70,74 @@ def test_compiles_with_xla(case):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_act_norm_initialisation_normalises_the_first_batch_only():
-    act_norm = ActNorm(3)
+def test_act_norm_initial_values_normalise_the_batch_and_compile():
     rng = np.random.default_rng(0)
-    first = tf.constant(rng.normal([1.0, -4.0, 10.0], [0.5, 2.0, 7.0], size=[16, 5, 5, 3]), tf.float32)
-    z = act_norm.inverse(first).numpy()
+    x = tf.constant(rng.normal([1.0, -4.0, 10.0], [0.5, 2.0, 7.0], size=[16, 5, 5, 3]), tf.float32)
+    values = tf.function(ActNorm.initial_values, jit_compile=True)(x)
+    z = ActNorm(values).inverse(x).numpy()
     np.testing.assert_allclose(z.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
     np.testing.assert_allclose(z.std(axis=(0, 1, 2)), 1.0, rtol=1e-4)
-    assert act_norm.initialized.numpy() == 1.0
-    saved = act_norm.log_scale.numpy().copy(), act_norm.bias.numpy().copy()
-    act_norm.inverse(first * 100.0 + 3.0)  # a later batch must not re-initialise
-    np.testing.assert_array_equal(act_norm.log_scale.numpy(), saved[0])
-    np.testing.assert_array_equal(act_norm.bias.numpy(), saved[1])
 
 
-def test_act_norm_traced_after_init_leaves_the_init_out():
-    act_norm = initialised_act_norm(3, tf.float32)
-    x = tf.random.normal([4, 2, 2, 3], seed=0)
-    graph = tf.function(act_norm.inverse).get_concrete_function(x).graph
-    assert not [op for op in graph.get_operations() if op.type == "AssignVariableOp"]
-    act_norm.initialized.assign(0.0)  # an eager call re-initialises from its batch
-    act_norm.inverse(x * 10.0)
-    assert act_norm.initialized.numpy() == 1.0
-    std = (x.numpy() * 10.0).reshape(-1, 3).std(axis=0)
-    np.testing.assert_allclose(np.exp(act_norm.log_scale.numpy()), std, rtol=1e-4)
-
-
-def test_act_norm_forward_does_not_initialise():
-    act_norm = ActNorm(2)
+def test_act_norm_is_a_pure_function_of_its_parameter():
+    """No side effects: a forward before any initialisation and the inverse of its output agree."""
+    parameter = tf.Variable(tf.zeros([2, 2]))
+    act_norm = ActNorm(parameter)
     z = tf.random.normal([4, 2], seed=1)
-    np.testing.assert_allclose(act_norm.forward(z).numpy(), z.numpy())
-    assert act_norm.initialized.numpy() == 0.0
+    x = act_norm.forward(z)
+    np.testing.assert_allclose(x.numpy(), z.numpy())
+    np.testing.assert_allclose(act_norm.inverse(x).numpy(), z.numpy())
+    parameter.assign([[1.0, -1.0], [0.5, 0.2]])  # a variable, read at each call
+    z = fresh(z)  # (TFP's cache keys on tensors: a new tensor sees the new value)
+    x = act_norm.forward(z)
+    np.testing.assert_allclose(x.numpy(), (z.numpy() + [1.0, -1.0]) * np.exp([0.5, 0.2]), rtol=1e-6)
+    np.testing.assert_allclose(act_norm.inverse(fresh(x)).numpy(), z.numpy(), atol=1e-6)
+    graph = tf.function(act_norm.inverse).get_concrete_function(z).graph
+    assert not [op for op in graph.get_operations() if op.type == "AssignVariableOp"]
 
 
-def test_act_norm_initialises_inside_xla():
-    act_norm = ActNorm(2)
-    x = tf.constant(np.random.default_rng(1).normal(5.0, 3.0, size=[64, 2]), tf.float32)
-    z = tf.function(lambda x: act_norm.inverse(x), jit_compile=True)(x).numpy()
-    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-5)
-    np.testing.assert_allclose(z.std(axis=0), 1.0, rtol=1e-4)
+def test_glow_initialize_is_explicit_and_keeps_bijections_consistent():
+    from tfp_flows.flows import glow
+
+    flow = glow([4, 4, 1], levels=1, steps_per_level=2, hidden_channels=4, seed=0)
+    rng = np.random.default_rng(3)
+    data = tf.constant(rng.normal(3.0, 2.0, size=[32, 4, 4, 1]), tf.float32)
+    z = flow.inverse(data)  # before initialisation: ActNorm is the identity, nothing changes
+    np.testing.assert_allclose(flow.forward(fresh(z)).numpy(), data.numpy(), atol=1e-5)
+    assert flow.needs_initialization
+    flow.initialize(data)
+    assert not flow.needs_initialization
+    before = [v.numpy().copy() for v in flow.trainable_variables]
+    flow.initialize(data * 10.0)  # once only
+    for b, v in zip(before, flow.trainable_variables):
+        np.testing.assert_array_equal(b, v.numpy())
+    # The same tensor, inverted again after initialisation, gives the new (not a cached) result.
+    z_after = flow.inverse(data).numpy()
+    assert np.abs(z_after - z.numpy()).max() > 0.1
+    np.testing.assert_allclose(abs(z_after.mean()), 0.0, atol=0.3)
+    np.testing.assert_allclose(flow.forward(fresh(tf.constant(z_after))).numpy(), data.numpy(), atol=1e-4)
 
 
-def test_act_norm_initialises_on_the_first_fit_batch():
-    """With a zero learning rate, the variables after one fit step are the init values."""
-    act_norm = ActNorm(3)
+def test_glow_initialises_on_the_first_fit_batch():
+    """With a negligible learning rate, the ActNorm values after one fit step are the init values."""
+    from tfp_flows.flows import glow
+
+    flow = glow([4, 4, 1], levels=1, steps_per_level=1, hidden_channels=4, seed=0)
     rng = np.random.default_rng(2)
-    x = rng.normal([0.0, 3.0, -2.0], [1.0, 0.1, 5.0], size=[32, 2, 2, 3]).astype(np.float32)
-    model = FlowModel(tfb.Chain([act_norm]), event_shape=[2, 2, 3])
-    model.compile(tf_keras.optimizers.SGD(learning_rate=0.0), jit_compile=True)
+    x = rng.normal(3.0, 0.5, size=[32, 4, 4, 1]).astype(np.float32)
+    model = FlowModel(flow, event_shape=[4, 4, 1])
+    model.compile(tf_keras.optimizers.SGD(learning_rate=1e-30), jit_compile=True)
     model.fit(x, epochs=1, batch_size=32, verbose=0)
-    std = x.reshape(-1, 3).std(axis=0)
-    np.testing.assert_allclose(np.exp(act_norm.log_scale.numpy()), std, rtol=1e-4)
-    np.testing.assert_allclose(act_norm.bias.numpy(), x.reshape(-1, 3).mean(axis=0) / std, rtol=1e-4)
-    # log_prob of the first batch is that of normalised data under N(0, I).
-    z = (x - x.reshape(-1, 3).mean(axis=0)) / std
-    expected = tfd.Normal(0.0, 1.0).log_prob(z).numpy().sum(axis=(1, 2, 3)) - 4 * np.log(std).sum()
-    np.testing.assert_allclose(model.log_prob(x).numpy(), expected, rtol=1e-4)
+    expected = flow.definition.initial_values_from_data(
+        {k: tf.zeros_like(v) if k.startswith("act_norm") else v
+         for k, v in flow.parameter_variables.items()}, x)
+    np.testing.assert_allclose(flow.parameter_variables["act_norm_0_0"].numpy(),
+                               expected["act_norm_0_0"].numpy(), rtol=1e-5)
+    assert not flow.needs_initialization
 
 
 def test_conv1x1_starts_orthogonal_and_stays_invertible_under_large_steps():
-    conv = Invertible1x1Conv(4, seed=0)
+    conv = conv1x1(4, seed=0)
     weight = conv.weight().numpy()
     np.testing.assert_allclose(weight @ weight.T, np.eye(4), atol=1e-5)
     # Fit a nearly singular linear map with a huge learning rate.
@@ -168,13 +180,15 @@ def test_parts_reject_bad_shapes_with_expected_and_given():
     with pytest.raises(ValueError, match=r"divisible by 4; given event shape \[2, 2, 6\]"):
         Squeeze().inverse(tf.zeros([1, 2, 2, 6]))
     with pytest.raises(ValueError, match=r"expected 4 channels.*given shape \[1, 2, 2, 3\]"):
-        Invertible1x1Conv(4).forward(tf.zeros([1, 2, 2, 3]))
+        conv1x1(4).forward(tf.zeros([1, 2, 2, 3]))
     with pytest.raises(ValueError, match=r"expected 3 channels.*given shape \[1, 2\]"):
-        ActNorm(3).inverse(tf.zeros([1, 2]))
+        ActNorm(tf.zeros([2, 3])).inverse(tf.zeros([1, 2]))
     with pytest.raises(ValueError, match=r"num_kept.*\[1, 3\]; given 4"):
         factor_out(tfb.Identity(), num_kept=4, channels=4)
-    with pytest.raises(ValueError, match=r"channels.*positive integer; given 0"):
-        ActNorm(0)
+    with pytest.raises(ValueError, match=r"bias_log_scale.*shape \[2, channels\]; given \[3, 2\]"):
+        ActNorm(tf.zeros([3, 2]))
+    with pytest.raises(ValueError, match=r"permutation matrix"):
+        Invertible1x1Conv(tf.zeros([2, 2]), permutation=np.ones([2, 2]))
 
 
 def perturbed_glow(dtype):
@@ -183,7 +197,7 @@ def perturbed_glow(dtype):
 
     flow = glow([8, 8, 1], levels=2, steps_per_level=2, hidden_channels=8, seed=0, dtype=dtype)
     rng = np.random.default_rng(1)
-    flow.inverse(tf.constant(rng.normal(1.0, 2.0, size=[16, 8, 8, 1]), dtype))
+    flow.initialize(tf.constant(rng.normal(1.0, 2.0, size=[16, 8, 8, 1]), dtype))
     for variable in flow.trainable_variables:
         variable.assign_add(tf.constant(0.05 * rng.normal(size=variable.shape), dtype))
     return flow

@@ -100,7 +100,12 @@ class Flow(tfb.Bijector):
         for key, value in found.items():
             self._variables[key].assign(value)
         self._variables[self._definition.initialized_flag].assign(1.0)
+        # TFP caches results by input tensor, shared by equal bijectors: drop what was
+        # computed with the old values (here and in the inner bijectors).
         self._cache.clear()
+        inner = self.bijector(context)
+        for part in [inner, *inner._flatten(predicate=lambda o: isinstance(o, tfb.Bijector))]:
+            part._cache.clear()
 
     def bijector(self, context=None) -> tfb.Bijector:
         """The TFP bijector (base to data) for the variables' current values and `context`."""
