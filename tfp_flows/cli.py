@@ -151,12 +151,14 @@ def _data(text: str) -> str:
 
 
 def _is_run(path: str) -> bool:
-    """Whether `path` is the output folder of a finished tfp-flows run."""
+    """Whether `path` is the output folder of a finished tfp-flows run (runs of versions
+    before run ids have a metrics.json with `test_nll`)."""
     try:
         with open(os.path.join(path, "metrics.json")) as handle:
-            return "run_id" in json.load(handle)
+            metrics = json.load(handle)
     except (OSError, ValueError):
         return False
+    return isinstance(metrics, dict) and ("run_id" in metrics or "test_nll" in metrics)
 
 
 def _out(text: str) -> str:
@@ -628,8 +630,6 @@ def _run(args, train: np.ndarray, test: np.ndarray, temp: str, run: dict, resume
             "best_validation_nll": history[best_epoch - 1]["val_nll"] if history else None,
             "diverged": diverged([entry["nll"] for entry in history]),
             "early_stopped": epoch_end.early_stopped,
-            "interrupted": stop.signum is not None and len(history) < args.epochs and not epoch_end.early_stopped,
-            "signal": None if stop.signum is None else signal.Signals(stop.signum).name,
             "resumed": resumed,
             "num_train": int(len(train)),
             "num_validation": int(num_validation),
@@ -654,6 +654,9 @@ def _run(args, train: np.ndarray, test: np.ndarray, temp: str, run: dict, resume
         model.export(os.path.join(temp, "saved_model"))
         outputs.update(saved_model="saved_model", metrics="metrics.json", run="run.json")
         _write_json(os.path.join(temp, "run.json"), {**run, "status": "complete"})
+        # Read now, after the export: a signal during evaluation or export counts too.
+        metrics["interrupted"] = stop.signum is not None and len(history) < args.epochs and not epoch_end.early_stopped
+        metrics["signal"] = None if stop.signum is None else signal.Signals(stop.signum).name
         metrics["wall_seconds"] = time.perf_counter() - start
         metrics["arguments"] = run["arguments"]
         metrics["outputs"] = outputs
