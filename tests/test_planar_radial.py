@@ -5,7 +5,7 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flow_checks import fresh
+from flow_checks import autodiff_log_det, fresh
 from tfp_flows.bijectors import Planar, Radial
 
 TOLERANCE = {np.float64: 1e-6, np.float32: 1e-4}
@@ -214,3 +214,177 @@ def test_planar_rejects_mismatched_parameters_and_inputs():
         Planar(np.zeros(3), np.array([np.nan, 1.0, 1.0]), 0.0, validate_args=True)
     with pytest.raises(ValueError, match=r"radial: `z` must have shape \[\.\.\., 3\]"):
         Radial(np.zeros(3), 1.0, 0.0).forward(tf.zeros([4, 2], tf.float64))
+
+
+# --- Extremes of the claimed ranges: wᵀu ∈ [−50‖w‖², 50], |u| ≤ 50, |z| ≤ 100 ---------------
+
+EPS = {np.float32: float(np.finfo(np.float32).eps), np.float64: float(np.finfo(np.float64).eps)}
+
+
+def extreme_planar(rng, dim, dtype, wu_fraction):
+    """`(u, w, b)` with `wᵀu = wu_fraction · 50‖w‖²` (or `· 50` when positive), `|u| ≤ 50`."""
+    w_norm = float(np.exp(rng.uniform(np.log(0.1), 0.0)))
+    w = rng.standard_normal(dim)
+    w *= w_norm / np.linalg.norm(w)
+    wu = wu_fraction * (50 * w_norm**2 if wu_fraction < 0 else 50.0)
+    along = wu / w_norm
+    perp = rng.standard_normal(dim)
+    perp -= perp @ w * w / w_norm**2
+    if dim > 1:
+        perp *= rng.uniform(0, np.sqrt(max(50.0**2 - along**2, 0.0))) / np.linalg.norm(perp)
+    u = along * w / w_norm + (perp if dim > 1 else 0.0)
+    return u.astype(dtype), w.astype(dtype), dtype(rng.uniform(-3, 3))
+
+
+def extreme_points(rng, n, w, b, dtype):
+    """|z| ≤ 100, half of them within ~0.05 of the hyperplane wᵀz + b = 0."""
+    z = wide_points(rng, n, w.size, np.float64)
+    near = z[: n // 2]
+    near -= (near @ w + b + rng.normal(0, 0.05, n // 2))[:, None] * w / (w @ w)
+    z = z[np.linalg.norm(z, axis=1) <= 100]
+    return z.astype(dtype)
+
+
+def reference_log_det(t, wu):
+    """`log(h² + sech²(t) · softplus(wᵀu))` in float64."""
+    t = np.asarray(t, np.float64)
+    return np.log(np.tanh(t) ** 2 + np.cosh(t) ** -2.0 * np.logaddexp(0.0, wu))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), dim=st.sampled_from([1, 2, 5]),
+       wu_fraction=st.sampled_from([-1.0, -0.5, -0.1, 0.0, 0.1, 1.0]) | st.floats(-1.0, 1.0),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_planar_is_exact_up_to_its_condition_number_at_the_extremes(seed, dim, wu_fraction, dtype):
+    """Backward stable everywhere, round trip and log-dets exact wherever the map is well conditioned.
+
+    Along `w` the map contracts by `g'(t) = h² + sech²(t)·softplus(wᵀu)`, which goes to
+    `e^{-50}` near the hyperplane when `wᵀu = −50‖w‖²`: there the stored `x` does not
+    determine `z` in either dtype, so the round trip is checked against the error that
+    rounding `x` alone causes, `κ · eps`, `κ = (1 + ‖û‖/‖w‖)(‖w‖‖x‖ + |b| + 1) / g'`.
+    """
+    rng = np.random.default_rng(seed)
+    u, w, b = extreme_planar(rng, dim, dtype, wu_fraction)
+    bijector = Planar(u, w, b)
+    z = extreme_points(rng, 100, w.astype(np.float64), float(b), dtype)
+    eps, tol = EPS[dtype], TOLERANCE[dtype]
+    x = bijector.forward(z).numpy()
+    z_back = bijector.inverse(fresh(x)).numpy()
+    # Backward error: the returned z maps back onto x to rounding.
+    x_again = bijector.forward(fresh(z_back)).numpy()
+    u_hat = bijector.u_hat().numpy().astype(np.float64)
+    scale = 1.0 + np.linalg.norm(u_hat) + np.linalg.norm(x.astype(np.float64), axis=1)
+    assert np.all(np.abs(x_again - x).max(axis=1) <= 64 * eps * scale)
+    # Forward error within the condition number.
+    z64, w64 = z.astype(np.float64), w.astype(np.float64)
+    t = z64 @ w64 + float(b)
+    wu = float(u.astype(np.float64) @ w64)
+    slope = np.tanh(t) ** 2 + np.cosh(t) ** -2.0 * np.logaddexp(0.0, wu)
+    kappa = ((1 + np.linalg.norm(u_hat) / np.linalg.norm(w64))
+             * (np.linalg.norm(w64) * np.linalg.norm(x, axis=1) + abs(float(b)) + 1) / slope)
+    error = np.abs(z_back - z).max(axis=1) / np.maximum(1.0, np.abs(z64).max(axis=1))
+    assert np.all(error <= tol + 16 * eps * kappa)
+    well = 16 * eps * kappa <= tol / 10
+    # Forward log-det against float64 at the same z, within what rounding t can move it.
+    fldj = bijector.forward_log_det_jacobian(fresh(z), 1).numpy()
+    dt = 4 * eps * (np.abs(w64) @ np.abs(z64.T) + abs(float(b)) + 1)
+    spread = np.maximum(np.abs(reference_log_det(t + dt, wu) - reference_log_det(t, wu)),
+                        np.abs(reference_log_det(t - dt, wu) - reference_log_det(t, wu)))
+    assert np.all(np.abs(fldj - reference_log_det(t, wu)) <= 100 * eps * (1 + np.abs(fldj)) + 2 * spread)
+    # The inverse log-det is minus the log-det at the returned point, and cancels where well conditioned.
+    ildj = bijector.inverse_log_det_jacobian(fresh(x), 1).numpy()
+    t_back = z_back.astype(np.float64) @ w64 + float(b)
+    dt_back = 4 * eps * (np.abs(w64) @ np.abs(z_back.T.astype(np.float64)) + abs(float(b)) + 1)
+    spread_back = np.maximum(np.abs(reference_log_det(t_back + dt_back, wu) - reference_log_det(t_back, wu)),
+                             np.abs(reference_log_det(t_back - dt_back, wu) - reference_log_det(t_back, wu)))
+    assert np.all(np.abs(ildj + reference_log_det(t_back, wu)) <= 100 * eps * (1 + np.abs(ildj)) + 2 * spread_back)
+    assert np.all(np.abs(fldj + ildj)[well] <= 1e3 * tol)
+
+
+@pytest.mark.parametrize("wu_fraction", [-1.0, 1.0])
+def test_planar_log_det_matches_autodiff_at_the_extremes_float64(wu_fraction):
+    rng = np.random.default_rng(11)
+    u, w, b = extreme_planar(rng, 3, np.float64, wu_fraction)
+    bijector = Planar(u, w, b)
+    z = extreme_points(rng, 64, w, b, np.float64)
+    t = z @ w + b
+    z = z[np.abs(t) > 0.05]  # slogdet of the autodiff Jacobian cancels where det ≈ e^{-50}
+    np.testing.assert_allclose(bijector.forward_log_det_jacobian(z, 1).numpy(),
+                               autodiff_log_det(bijector, tf.constant(z)), rtol=1e-9, atol=1e-9)
+
+
+def test_planar_user_example_float32():
+    """The reported case: w = [0.6, 0.8], u = −50w + 5[0.8, −0.6], b = 0.3 (float32 error was 1.1e-2)."""
+    w = np.array([0.6, 0.8])
+    u = -50 * w + 5 * np.array([0.8, -0.6])
+    z = np.random.default_rng(0).standard_normal((2000, 2))
+    t = z @ w + 0.3
+    for dtype, tol in ((np.float32, 1e-4), (np.float64, 1e-6)):
+        bijector = Planar(u.astype(dtype), w.astype(dtype), dtype(0.3))
+        x = bijector.forward(z.astype(dtype)).numpy()
+        z_back = bijector.inverse(fresh(x)).numpy()
+        well = np.abs(t) > (0.1 if dtype == np.float32 else 1e-3)  # outside the ill-conditioned slab
+        assert relative_error(z_back[well], z[well]) < tol
+        fldj = bijector.forward_log_det_jacobian(fresh(z.astype(dtype)), 1).numpy()
+        np.testing.assert_allclose(fldj[well], reference_log_det(t[well], -50.0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_planar_root_solver_converges_over_a_wide_grid(dtype):
+    """`t + c tanh t = s` for wᵀu ∈ [−80, 50], |s| ∈ [1e-30, 1e4]: residual at rounding level."""
+    from tfp_flows.bijectors.planar import solve_projection
+
+    wu = np.concatenate([-np.logspace(-3, np.log10(80), 30), [0.0], np.logspace(-3, np.log10(50), 30)])
+    s = np.concatenate([-np.logspace(-30, 4, 120), [0.0], np.logspace(-30, 4, 120)])
+    wu, s = np.meshgrid(wu, s)
+    p = np.maximum(np.logaddexp(0.0, wu), np.finfo(dtype).tiny).astype(dtype)
+    c, s = (p - 1).astype(dtype), s.astype(dtype)
+    t = solve_projection(tf.constant(s), tf.constant(c), tf.constant(p), 50).numpy().astype(np.longdouble)
+    p64, s64 = p.astype(np.longdouble), s.astype(np.longdouble)
+    residual = t_minus_tanh_reference(t) + p64 * np.tanh(t) - s64
+    slope = np.tanh(t) ** 2 + 4 * np.exp(-2 * np.abs(t)) / (1 + np.exp(-2 * np.abs(t))) ** 2 * p64
+    # Backward error: a few ulps of |s| and of |t| · g'(t) (the resolution of t in the dtype).
+    eps = EPS[dtype]
+    bound = 8 * eps * (np.abs(s64) + (1 + np.abs(t)) * slope)
+    assert np.all(np.abs(residual) <= bound), np.max(np.abs(residual) / bound)
+
+
+def t_minus_tanh_reference(t):
+    """`t − tanh t` in long double: Taylor series (Bernoulli coefficients) for |t| < 0.1."""
+    coefficients = [1 / 3, -2 / 15, 17 / 315, -62 / 2835, 1382 / 155925, -21844 / 6081075,
+                    929569 / 638512875, -6404582 / 10854718875]
+    t = np.asarray(t, np.longdouble)
+    series = sum(np.longdouble(a) * t ** (2 * k + 3) for k, a in enumerate(coefficients))
+    return np.where(np.abs(t) < 0.1, series, t - np.tanh(t))
+
+
+def test_t_minus_tanh_reference_is_exact():
+    t = np.longdouble(0.099)
+    assert abs(t_minus_tanh_reference(np.array([t]))[0] - (t - np.tanh(t))) < 1e-15 * (t - np.tanh(t))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_radial_log_dets_agree_near_the_centre_as_beta_tends_to_minus_alpha(dtype):
+    """α = 1e3, β = −α(1 − 1e-7), r ≤ 1e-5 (float32 forward log-det was −inf, ∂/∂α NaN)."""
+    rng = np.random.default_rng(12)
+    for alpha, gamma_over_alpha, r_max in ((1e3, 1e-7, 1e-5), (1e3, 1e-7, 1.0), (0.7, 1e-3, 1e-3),
+                                           (1e-3, 1e-7, 1e2), (5.0, 0.0, 1e-2)):
+        beta = dtype(alpha) * dtype(gamma_over_alpha) - dtype(alpha)
+        alpha_v, beta_v = tf.Variable(dtype(alpha)), tf.Variable(dtype(beta))
+        bijector = Radial(np.zeros(3, dtype), alpha_v, beta_v)
+        z = wide_points(rng, 200, 3, np.float64, radius=r_max)
+        z = z[np.linalg.norm(z, axis=1) > 1e-3 * r_max].astype(dtype)
+        with tf.GradientTape() as tape:
+            fldj = bijector.forward_log_det_jacobian(fresh(z), 1)
+            total = tf.reduce_sum(fldj)
+        grads = tape.gradient(total, [alpha_v, beta_v])
+        assert np.all(np.isfinite(fldj.numpy())) and all(np.isfinite(g.numpy()) for g in grads)
+        # Against float64 autodiff at the same parameters.
+        alpha64, beta64 = float(dtype(alpha)), float(beta)
+        reference = Radial(np.zeros(3), alpha64, beta64)
+        np.testing.assert_allclose(fldj.numpy(), autodiff_log_det(reference, tf.constant(z.astype(np.float64))),
+                                   rtol=50 * EPS[dtype], atol=50 * EPS[dtype])
+        x = bijector.forward(fresh(z)).numpy()
+        ildj = bijector.inverse_log_det_jacobian(fresh(x), 1).numpy()
+        assert np.all(np.abs(fldj.numpy() + ildj) <= 1e3 * EPS[dtype] * (1 + np.abs(ildj)))
+        np.testing.assert_allclose(bijector.inverse(fresh(x)).numpy(), z, rtol=1e3 * EPS[dtype], atol=0)
