@@ -102,6 +102,7 @@ def main() -> None:
     mixing = rng.normal(size=(D, D))
     data = tf.constant((np.tanh(rng.normal(size=(BATCH, D))) @ mixing).astype(np.float32))
 
+    load_before = os.getloadavg()[0]
     lines = [
         f"# MAF training step ({datetime.date.today()}, {MACHINE}, {platform.processor() or platform.machine()}, "
         f"TF {tf.__version__}, TFP {tfp.__version__})", "",
@@ -118,6 +119,8 @@ def main() -> None:
         for label, count, first, seconds in rows:
             lines.append(f"| {hidden} | {label} | {count} | {first:.1f} | {1e3 * seconds:.2f} | "
                          f"{seconds / reference:.2f}x |")
+    lines += ["", f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
+              f"end (other jobs on these {os.cpu_count()} cores slow every variant; compare ratios)."]
     table = "\n".join(lines)
     print(table)
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
