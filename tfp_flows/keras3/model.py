@@ -420,6 +420,8 @@ class FlowModel(keras.Model):
         refuse_tf_keras(schedule, "learning_rate schedule", "keras.optimizers.schedules")
         if isinstance(schedule, keras.Variable):
             check_positive_number("learning_rate", float(keras.ops.convert_to_numpy(schedule)))
+        self._compile_request = {"jit_compile": bool(jit_compile),
+                                 "steps_per_execution": steps_per_execution}
         self._auto_steps = steps_per_execution == "epoch"
         steps = 1 if self._auto_steps else check_positive_integer(
             "steps_per_execution", steps_per_execution)
@@ -431,6 +433,19 @@ class FlowModel(keras.Model):
             jit_compile = False
         super().compile(optimizer=optimizer, jit_compile=jit_compile, steps_per_execution=steps,
                         **kwargs)
+
+    def get_compile_config(self) -> dict | None:
+        """The optimizer and `compile`'s own arguments, for `.keras` files."""
+        if self.optimizer is None:
+            return None
+        return {"optimizer": keras.saving.serialize_keras_object(self.optimizer),
+                **self._compile_request}
+
+    def compile_from_config(self, config: dict) -> None:
+        optimizer = keras.saving.deserialize_keras_object(config["optimizer"])
+        self.compile(optimizer=optimizer, jit_compile=config["jit_compile"],
+                     steps_per_execution=config["steps_per_execution"])
+        self.optimizer.build(self.trainable_variables)
 
     def _dataset_checked(self, data: tf.data.Dataset, name: str) -> tf.data.Dataset:
         spec = data.element_spec
