@@ -6,6 +6,7 @@ import tensorflow_probability as tfp
 import tf_keras
 
 from tfp_flows.bijectors import AdditiveCoupling, AffineCoupling, NICERescale
+from tfp_flows.bijectors.coupling import max_log_scale
 from flow_checks import autodiff_log_det, fresh
 
 tfb = tfp.bijectors
@@ -85,16 +86,80 @@ def test_compiles_with_xla(case):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_sigmoid_scale_is_bounded_where_exp_overflows():
-    huge = lambda a: tf.concat([tf.zeros_like(a), 1e3 * tf.ones_like(a)], axis=-1)
-    z = tf.ones([2, 4])
-    bounded = AffineCoupling(huge, num_masked=2)
-    unbounded = AffineCoupling(huge, num_masked=2, scale_type="exp")
-    np.testing.assert_allclose(
-        bounded.forward_log_det_jacobian(z, event_ndims=1).numpy(), 2 * np.log(2.0), rtol=1e-6
-    )
-    assert np.all(np.isfinite(bounded.forward(z).numpy()))
-    assert np.all(np.isinf(unbounded.forward(z).numpy()[:, 2:]))
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+@pytest.mark.parametrize("scale_type", ["sigmoid", "exp"])
+def test_affine_coupling_is_finite_and_consistent_at_large_h(scale_type, dtype):
+    """Any finite conditioner output, |h| up to 1e4: finite forward, inverse and log-det,
+    the log-det that of the applied (clipped) scale, and the round trip exact wherever
+    `z_b · scale` survives being added to the shift."""
+    rng = np.random.default_rng(0)
+    h = np.concatenate([-np.logspace(-3, 4, 300), [0.0], np.logspace(-3, 4, 300)])
+    t = np.where(rng.uniform(size=h.size) < 0.3, 0.0, rng.uniform(-10, 10, h.size))
+    z_b = rng.uniform(-10, 10, h.size)
+    # The conditioning entries carry (t, h) to the conditioner: x_a = z_a = (t, h).
+    bijector = AffineCoupling(lambda a: a, num_masked=2, scale_type=scale_type)
+    np_dtype = dtype.as_numpy_dtype
+    z = tf.constant(np.stack([t, h, z_b], axis=1), dtype)
+    h = h.astype(np_dtype).astype(np.float64)
+    x = bijector.forward(z)
+    fldj = bijector.forward_log_det_jacobian(z, event_ndims=1).numpy()
+    z_back = bijector.inverse(fresh(x)).numpy()
+    ildj = bijector.inverse_log_det_jacobian(fresh(x), event_ndims=1).numpy()
+    assert np.all(np.isfinite(x.numpy())) and np.all(np.isfinite(z_back)) and np.isfinite(fldj).all()
+    bound = max_log_scale(dtype)
+    s = np.log(2.0) - np.logaddexp(0.0, -h) if scale_type == "sigmoid" else h
+    np.testing.assert_allclose(fldj, np.clip(s, -bound, bound), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ildj, -fldj, rtol=1e-6, atol=1e-6)
+    eps = np.finfo(np_dtype).eps
+    survived = np.abs(x.numpy()[:, 2] - t.astype(np_dtype)) > 1e3 * eps * np.maximum(np.abs(t), 1.0)
+    assert survived.mean() > 0.5
+    np.testing.assert_allclose(z_back[survived, 2], z_b[survived], rtol=1e-3)
+
+
+def test_sigmoid_inverse_is_finite_where_exp_of_minus_log_scale_overflows():
+    """h < −88 (float32): exp(−log_scale) alone is inf; the inverse of the finite forward output is not."""
+    z = tf.constant([[1.0, 3.0]])
+    for h in (-80.0, -88.5, -95.0, -1e3):
+        bijector = AffineCoupling(lambda a, h=h: tf.concat([0 * a, h + 0 * a], axis=-1), num_masked=1)
+        x = bijector.forward(z)
+        z_back = bijector.inverse(fresh(x)).numpy()
+        assert np.all(np.isfinite(z_back)), (h, z_back)
+        np.testing.assert_allclose(z_back, z.numpy(), rtol=1e-5)
+
+
+def tfp_pair_cases():
+    lam = lambda x, output_units: (tf.sin(x[..., :1]) + 0 * tf.zeros([output_units]),
+                                   0.5 * tf.cos(x[..., :1]) + 0 * tf.zeros([output_units]))
+    return {"lambda_with_output_units": lam,
+            "tuple_lambda": lambda x: (tf.sin(x[..., :1]) * tf.ones([3]), 0.3 * x[..., :1] * tf.ones([3])),
+            "real_nvp_default_template": tfb.real_nvp_default_template(hidden_layers=[8])}
+
+
+@pytest.mark.parametrize("case", ["lambda_with_output_units", "tuple_lambda", "real_nvp_default_template"])
+def test_affine_coupling_takes_tfp_pairs_like_real_nvp(case):
+    fn = tfp_pair_cases()[case]
+    ours = AffineCoupling(fn, num_masked=2, scale_type="sigmoid")  # scale_type does not apply to pairs
+    # RealNVP always calls fn(x, output_units); ours also takes a one-argument fn.
+    their_fn = (lambda x, output_units: fn(x)) if case == "tuple_lambda" else fn
+    theirs = tfb.RealNVP(num_masked=2, shift_and_log_scale_fn=their_fn)
+    z = tf.constant(np.random.default_rng(0).normal(size=(32, 5)), tf.float32)
+    x = ours.forward(z)  # first call creates the template's variables, shared with RealNVP
+    np.testing.assert_allclose(x.numpy(), theirs.forward(z).numpy(), atol=1e-6)
+    np.testing.assert_allclose(ours.forward_log_det_jacobian(z, 1).numpy(),
+                               theirs.forward_log_det_jacobian(z, 1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(ours.inverse(fresh(x)).numpy(), theirs.inverse(fresh(x)).numpy(), atol=1e-6)
+    np.testing.assert_allclose(ours.inverse_log_det_jacobian(fresh(x), 1).numpy(),
+                               theirs.inverse_log_det_jacobian(fresh(x), 1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(ours.inverse(fresh(x)).numpy(), z.numpy(), atol=1e-5)
+
+
+def test_pair_conditioner_errors_name_what_was_expected():
+    with pytest.raises(ValueError, match=r"each of shift and log_scale ending in 3.*given output shape \[1, 2\]"):
+        AffineCoupling(lambda a: (tf.zeros([1, 2]), tf.zeros([1, 2])), num_masked=2).forward(tf.zeros([1, 5]))
+    with pytest.raises(ValueError, match=r"one tensor or a \(shift, log_scale\) pair; given a tuple of 3"):
+        AffineCoupling(lambda a: (a, a, a), num_masked=2).forward(tf.zeros([1, 4]))
+    with pytest.raises(ValueError, match=r"must return one tensor; given a tuple of 2"):
+        AdditiveCoupling(lambda a: (a, a), num_masked=2).forward(tf.zeros([1, 4]))
 
 
 def test_keras_conditioner_is_tracked_and_zero_init_is_identity():
