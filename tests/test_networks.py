@@ -222,15 +222,3 @@ def test_call_arguments_are_checked():
     conv = ConvNet(2, 2, 4)
     with pytest.raises(ValueError, match=r"expected `x` of shape \[\.\.\., H, W, 2\]; given shape \[1, 4, 4, 3\]"):
         conv(tf.zeros([conv.size]), tf.zeros([1, 4, 4, 3]))
-
-
-def test_glow_network_wrapper_holds_convnet_in_one_keras_weight():
-    from tfp_flows.networks import GlowNetwork
-
-    layer = GlowNetwork(2, 4, 8, seed=1)
-    assert len(layer.trainable_variables) == 1
-    expected = ConvNet(2, 4, 8).initial(np.random.default_rng(1)).astype(np.float32)
-    np.testing.assert_array_equal(layer.packed.numpy(), expected)
-    layer.packed.assign(np.random.default_rng(2).normal(size=layer.packed.shape))
-    x = tf.random.normal([3, 4, 4, 2], seed=2)
-    np.testing.assert_array_equal(layer(x).numpy(), ConvNet(2, 4, 8)(layer.packed, x).numpy())

@@ -439,35 +439,3 @@ class ConvNet:
         h = tf.nn.relu(tf.tensordot(h, params["kernel_2"], 1) + params["bias_2"])
         y = tf.nn.conv2d(h, params["kernel_3"], strides=1, padding="SAME") + params["bias_3"]
         return _unfold(y, batch_shape, 3)
-
-
-def _glow_network_class():
-    """Transitional tf_keras layer around `ConvNet` for `flows.glow` until it holds its own variable."""
-    import tf_keras
-
-    class GlowNetwork(tf_keras.layers.Layer):
-        """`ConvNet` with its packed vector in one tf_keras weight `packed` (same initial values)."""
-
-        def __init__(self, input_channels: int, output_channels: int, hidden_channels: int,
-                     seed: int | None = None, dtype=tf.float32, name: str = "glow_network"):
-            super().__init__(name=name, dtype=dtype)
-            self.network = ConvNet(input_channels, output_channels, hidden_channels)
-            values = self.network.initial(np.random.default_rng(seed))
-            self.packed = self.add_weight(
-                name="packed", shape=values.shape, dtype=self.dtype,
-                initializer=tf_keras.initializers.Constant(values), trainable=True,
-            )
-
-        def unpack(self) -> list[tf.Tensor]:
-            return list(self.network.unpack(self.packed).values())
-
-        def call(self, x: tf.Tensor) -> tf.Tensor:
-            return self.network(self.packed, x)
-
-    return GlowNetwork
-
-
-def __getattr__(name: str):
-    if name == "GlowNetwork":
-        return _glow_network_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,8 @@
 """MAF and IAF: affine autoregressive layers on packed MADE networks, reversed between layers.
 
-A layer maps `x_i = z_i · exp(s_i(x_<i)) + t_i(x_<i)`; log-det `Σ s_i`. MAF evaluates
-its density (data to latent) in one network pass per layer; IAF is its inverse,
+A layer (`MaskedAutoregressiveAffine`) maps `x_i = z_i · exp(s_i(x_<i)) + t_i(x_<i)`;
+log-det `Σ s_i`. MAF evaluates its density (data to latent) and its log-det together
+in one network pass per layer (TFP's `MaskedAutoregressiveFlow` takes two); IAF is its inverse,
 one pass per layer when sampling. With `context_size` the context enters every
 hidden layer of each MADE (through the nonlinearity).
 """
@@ -13,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_flows.bijectors import MaskedAutoregressiveAffine
 from tfp_flows.checks import check_choice, check_int_sequence, check_positive_integer
 from tfp_flows.definitions.core import (
     Definition,
@@ -31,8 +33,7 @@ __all__ = ["maf", "iaf"]
 
 def _autoregressive(builder: str, invert: bool, event_size, num_layers, hidden_units, activation,
                     seed, dtype, context_size) -> Definition:
-    event_size, seed, dtype, context_size = common_arguments(
-        builder, event_size, seed, dtype, context_size)
+    event_size, seed, dtype, context_size = common_arguments(event_size, seed, dtype, context_size)
     num_layers = check_positive_integer("num_layers", num_layers)
     hidden_units = check_int_sequence("hidden_units", hidden_units)
     activation = check_choice("activation", activation, ACTIVATIONS)
@@ -45,10 +46,8 @@ def _autoregressive(builder: str, invert: bool, event_size, num_layers, hidden_u
         layers = []
         for k in range(num_layers):
             packed = values[f"made_{k}"]
-            layer = tfb.MaskedAutoregressiveFlow(
-                shift_and_log_scale_fn=lambda x, packed=packed: made(packed, x, context),
-                name=f"maf_{k}",
-            )
+            layer = MaskedAutoregressiveAffine(
+                lambda x, packed=packed: made(packed, x, context), event_size, name=f"maf_{k}")
             layers.append(tfb.Invert(layer, name=f"iaf_{k}") if invert else layer)
             if k + 1 < num_layers:
                 layers.append(tfb.Permute(permutation=reverse, name=f"reverse_{k}"))

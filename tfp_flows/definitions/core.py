@@ -121,7 +121,7 @@ def define(builder: str, **arguments) -> Definition:
     return BUILDERS[builder](**arguments)
 
 
-def common_arguments(builder: str, event_size, seed, dtype, context_size) -> tuple:
+def common_arguments(event_size, seed, dtype, context_size) -> tuple:
     """Check the arguments every vector builder shares; return them normalised."""
     event_size = check_positive_integer("event_size", event_size)
     seed = check_seed("seed", seed)

@@ -52,8 +52,7 @@ def conditioner(network, packed, context, context_size):
 
 def _coupling_definition(builder: str, additive: bool, event_size, num_couplings, hidden_units,
                          seed, dtype, context_size) -> Definition:
-    event_size, seed, dtype, context_size = common_arguments(
-        builder, event_size, seed, dtype, context_size)
+    event_size, seed, dtype, context_size = common_arguments(event_size, seed, dtype, context_size)
     check_integer("event_size", event_size, minimum=2)
     num_couplings = check_positive_integer("num_couplings", num_couplings)
     hidden_units = check_int_sequence("hidden_units", hidden_units)

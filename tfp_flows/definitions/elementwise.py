@@ -78,8 +78,7 @@ def planar_flow(
     Parameters `u`, `w` (`[num_layers, D]`), `b` (`[num_layers]`); with `context_size`
     an MLP (`context_hidden_units`, ReLU) maps the context to all of them.
     """
-    event_size, seed, dtype, context_size = common_arguments(
-        "planar_flow", event_size, seed, dtype, context_size)
+    event_size, seed, dtype, context_size = common_arguments(event_size, seed, dtype, context_size)
     num_layers = check_positive_integer("num_layers", num_layers)
     hidden = _context_hidden(context_size, context_hidden_units)
     rng = seeded_rng(seed)
@@ -122,8 +121,7 @@ def radial_flow(
     identity). Parameters `center` (`[num_layers, D]`), `alpha_raw`, `beta_raw`
     (`[num_layers]`); with `context_size` an MLP maps the context to all of them.
     """
-    event_size, seed, dtype, context_size = common_arguments(
-        "radial_flow", event_size, seed, dtype, context_size)
+    event_size, seed, dtype, context_size = common_arguments(event_size, seed, dtype, context_size)
     num_layers = check_positive_integer("num_layers", num_layers)
     hidden = _context_hidden(context_size, context_hidden_units)
     rng = seeded_rng(seed)
