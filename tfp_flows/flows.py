@@ -107,22 +107,27 @@ class Flow(tfb.Bijector):
         for part in [inner, *inner._flatten(predicate=lambda o: isinstance(o, tfb.Bijector))]:
             part._cache.clear()
 
-    def bijector(self, context=None) -> tfb.Bijector:
-        """The TFP bijector (base to data) for the variables' current values and `context`."""
-        return self._definition.bijector(self._variables, context)
+    def bijector(self, context=None, batch_shape=None) -> tfb.Bijector:
+        """The TFP bijector (base to data) for the variables' current values and `context`
+        (checked to have shape `[*batch_shape, k]` when `batch_shape` is given)."""
+        return self._definition.bijector(self._variables, context, batch_shape)
+
+    def _batch_shape_of(self, x) -> tf.TensorShape:
+        shape = tf.TensorShape(getattr(x, "shape", np.shape(x)))
+        return shape[:shape.rank - self._definition.event_ndims] if shape.rank is not None else None
 
     _cache = cache_util.BijectorCacheWithGreedyAttrs(
         forward_name="_augmented_forward", inverse_name="_augmented_inverse"
     )
 
     def _augmented_forward(self, z, context=None):
-        inner = self.bijector(context)
+        inner = self.bijector(context, self._batch_shape_of(z))
         x = inner.forward(z)
         fldj = inner.forward_log_det_jacobian(z, event_ndims=self._definition.event_ndims)
         return x, {"ildj": -fldj}
 
     def _augmented_inverse(self, x, context=None):
-        inner = self.bijector(context)
+        inner = self.bijector(context, self._batch_shape_of(x))
         z = inner.inverse(x)
         return z, {"ildj": inner.inverse_log_det_jacobian(x, event_ndims=self._definition.event_ndims)}
 

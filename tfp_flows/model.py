@@ -468,6 +468,12 @@ class FlowModel(tf_keras.Model):
             expected = f"(x, context) pairs of shapes {event}, [batch, {self._context_shape[0]}]"
         if not ok:
             raise ValueError(f"`{name}`: a dataset must yield {expected}; given elements {spec}.")
+        dtypes = [s.dtype for s in tf.nest.flatten(spec)]
+        if any(d != self.flow_dtype for d in dtypes):
+            raise TypeError(
+                f"`{name}`: a dataset must yield {self.flow_dtype.name} tensors (the flow's "
+                f"dtype); given {', '.join(d.name for d in dtypes)}."
+            )
         message = f"`{name}`: the dataset holds NaN or inf values."
         return data.map(lambda *t: tuple(tf.debugging.assert_all_finite(a, message) for a in t)
                         if len(t) > 1 else tf.debugging.assert_all_finite(t[0], message))

@@ -67,8 +67,12 @@ class Definition:
     def event_ndims(self) -> int:
         return len(self.event_shape)
 
-    def check_context(self, context, owner: str) -> "tf.Tensor | None":
-        """The context as a tensor of this flow's dtype, or a clear error."""
+    def check_context(self, context, owner: str, batch_shape=None) -> "tf.Tensor | None":
+        """The context `[*batch_shape, k]` as a tensor of this flow's dtype, or a clear error.
+
+        Tensors must have the flow's dtype; arrays of real numbers are converted. Eagerly
+        the values must be finite; `batch_shape` (the rows of `x`), where known, must match.
+        """
         if self.context_size is None:
             if context is not None:
                 raise ValueError(
@@ -81,6 +85,19 @@ class Definition:
                 f"{owner}: this flow is conditional on a context of size {self.context_size}; "
                 "pass `context` of shape [N, %d]." % self.context_size
             )
+        if isinstance(context, (tf.Tensor, tf.Variable)):
+            if context.dtype != self.dtype:
+                raise TypeError(
+                    f"{owner}: `context` must be a {self.dtype.name} tensor (the flow's dtype); "
+                    f"given {context.dtype.name}."
+                )
+        else:
+            array = np.asarray(context)
+            if array.dtype.kind not in "iuf":
+                raise TypeError(
+                    f"{owner}: `context` must hold real numbers; given dtype {array.dtype}."
+                )
+            context = array.astype(self.dtype.as_numpy_dtype)
         context = tf.convert_to_tensor(context, self.dtype)
         size = tf.compat.dimension_value(context.shape[-1]) if context.shape.rank else None
         if context.shape.rank is not None and (context.shape.rank < 1 or size != self.context_size):
@@ -88,11 +105,22 @@ class Definition:
                 f"{owner}: `context` must have shape [..., {self.context_size}]; given shape "
                 f"{context.shape.as_list()}."
             )
+        if batch_shape is not None:
+            expected = tf.TensorShape(batch_shape).concatenate([self.context_size])
+            if not context.shape.is_compatible_with(expected):
+                raise ValueError(
+                    f"{owner}: `context` must have one row per row of the input: expected shape "
+                    f"{expected.as_list()}; given {context.shape.as_list()}."
+                )
+        if tf.executing_eagerly() and not bool(tf.reduce_all(tf.math.is_finite(context))):
+            raise ValueError(f"{owner}: `context` must be finite; given NaN or inf values.")
         return context
 
-    def bijector(self, values: Mapping[str, tf.Tensor], context=None) -> tfb.Bijector:
-        """The flow's bijector (base to data) for these parameter values and context."""
-        return self.build(values, self.check_context(context, self.builder), None)
+    def bijector(self, values: Mapping[str, tf.Tensor], context=None,
+                 batch_shape=None) -> tfb.Bijector:
+        """The flow's bijector (base to data) for these parameter values and context
+        (`[*batch_shape, k]` when `batch_shape` is given)."""
+        return self.build(values, self.check_context(context, self.builder, batch_shape), None)
 
     def initial_values_from_data(self, values: Mapping[str, tf.Tensor], x, context=None) -> dict:
         """Values of the `data_dependent` parameters computed from a data batch `x`.
@@ -101,8 +129,9 @@ class Definition:
         from the batch that reaches it, with the layers before it already set.
         """
         found: dict = {}
-        context = self.check_context(context, self.builder)
-        self.build(values, context, found).inverse(tf.convert_to_tensor(x, self.dtype))
+        x = tf.convert_to_tensor(x, self.dtype)
+        context = self.check_context(context, self.builder, x.shape[:x.shape.rank - self.event_ndims])
+        self.build(values, context, found).inverse(x)
         return found
 
 
