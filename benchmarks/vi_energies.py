@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 import tensorflow as tf
-import tf_keras
 
 from tfp_flows import datasets, flows, vi
 
@@ -43,8 +42,7 @@ def build_flow(kind: str, num_layers: int, seed: int):
         return flows.planar_flow(2, num_layers, seed=seed)
     if kind == "radial":
         return flows.radial_flow(2, num_layers, seed=seed)
-    tf_keras.utils.set_random_seed(seed)  # the MADE networks draw their initial weights from Keras
-    return flows.iaf(2, num_layers, hidden_units=IAF_HIDDEN_UNITS, activation="tanh")
+    return flows.iaf(2, num_layers, hidden_units=IAF_HIDDEN_UNITS, activation="tanh", seed=seed)
 
 
 def fit_and_measure(energy: str, kind: str, num_layers: int, seed: int, log_z: float, training: dict):

@@ -342,3 +342,34 @@ def test_kl_of_two_gaussians_matches_the_analytic_value():
         vi.kl(q, tfd.MultivariateNormalDiag(tf.zeros(3, tf.float64)), 10)
     with pytest.raises(TypeError, match="`q` must be a tfd.Distribution"):
         vi.kl(None, p, 10)
+
+
+MIRRORED_SCRIPT = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from tfp_flows import datasets, flows, vi
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+assert strategy.num_replicas_in_sync == 2
+with strategy.scope():
+    flow = flows.planar_flow(2, 2, seed=0)
+    try:
+        vi.fit(flow, datasets.energy("U1"), 2, num_steps=5, verbose=0)
+    except RuntimeError as error:
+        print("scope:", error)
+try:
+    vi.fit(flow, datasets.energy("U1"), 2, num_steps=5, verbose=0)
+except TypeError as error:
+    print("mirrored variables:", error)
+"""
+
+
+def test_fit_refuses_a_distribution_strategy_with_a_clear_error():
+    # Logical devices must be configured before any TF op, hence a fresh process.
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "scope: vi.fit does not run under a tf.distribute strategy (called under MirroredStrategy)" in run.stdout
+    assert "mirrored variables: the flow's variables must be plain tf.Variables, not distributed" in run.stdout

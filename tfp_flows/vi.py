@@ -207,6 +207,10 @@ class _Adam:
 def _check_variables(variables: Sequence[tf.Variable], dtype: tf.DType) -> list[tf.Variable]:
     """Refuse trainable variables of another dtype than the base's, or holding NaN/inf."""
     variables = list(variables)
+    distributed = [v.name for v in variables if isinstance(v, tf.distribute.DistributedValues)]
+    if distributed:
+        raise TypeError(f"the flow's variables must be plain tf.Variables, not distributed ones (the flow "
+                        f"was built under a tf.distribute strategy's scope); given {distributed}.")
     mismatched = [v.name for v in variables if v.dtype != dtype]
     if mismatched:
         raise TypeError(f"all trainable variables must have the base distribution's dtype "
@@ -267,6 +271,13 @@ def fit(
     """
     if not isinstance(bijector, tfb.Bijector):
         raise TypeError(f"`bijector` must be a tfb.Bijector; given {type(bijector).__name__}.")
+    if tf.distribute.has_strategy():
+        raise RuntimeError(
+            f"vi.fit does not run under a tf.distribute strategy (called under "
+            f"{type(tf.distribute.get_strategy()).__name__}): its compiled loop updates the variables "
+            "on one device without a cross-replica gradient reduction. Call it outside "
+            "strategy.scope() and strategy.run, on a flow built outside the scope."
+        )
     _check_callable("target_log_prob", target_log_prob)
     event_size = check_positive_integer("event_size", event_size)
     num_steps = check_positive_integer("num_steps", num_steps)
