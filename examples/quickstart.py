@@ -9,7 +9,7 @@ tfb = tfp.bijectors
 x_train, x_test = toy("8gaussians", 20_000, seed=0), toy("8gaussians", 5_000, seed=1)
 bijector = tfb.Chain([
     flows.planar_flow(2, num_layers=8, seed=0),
-    flows.maf(2, num_layers=3, hidden_units=[64, 64]),
+    flows.maf(2, num_layers=3, hidden_units=[64, 64], seed=2),
     flows.radial_flow(2, num_layers=8, seed=1),
 ])
 model = FlowModel(bijector, event_shape=[2])    # base: standard normal

@@ -388,6 +388,15 @@ class FlowModel(tf_keras.Model):
         training on arrays (Keras' progress bar and epoch-level callbacks unchanged;
         batch-level callbacks then see one call per epoch), or an integer as in Keras.
         """
+        if kwargs.pop("from_serialized", False):
+            # tf_keras' SavedModel-folder loader recompiles with a fresh optimizer.
+            warnings.warn(
+                "FlowModel loaded from a SavedModel folder: weights and configuration are "
+                "restored, the optimizer's state (Adam's moments, iterations) is not (tf_keras "
+                "does not restore optimizer slots from that format). To resume training with "
+                "its state, save as `.keras` or with tf.train.Checkpoint / ModelCheckpoint.",
+                RuntimeWarning, stacklevel=2,
+            )
         _refuse_keras3(optimizer, "optimizer", "tf_keras.optimizers.Adam (import tf_keras)")
         if learning_rate is not None:
             learning_rate = check_positive_number("learning_rate", learning_rate)
