@@ -201,8 +201,8 @@ def _tiny(dtype) -> float:
     return float(np.finfo(dtype_util.as_numpy_dtype(dtype)).tiny)
 
 
-# t − tanh t = Σ a_k t^(2k+1) for |t| < π/2; seven terms are exact to float64 for |t| < 0.1.
-# (four terms suffice for float32).
+# t − tanh t = Σ a_k t^(2k+1) for |t| < π/2; for |t| < 0.1 seven terms are exact to
+# float64, four to float32.
 _T_MINUS_TANH = (
     1 / 3, -2 / 15, 17 / 315, -62 / 2835, 1382 / 155925, -21844 / 6081075, 929569 / 638512875,
 )
