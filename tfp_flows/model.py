@@ -54,13 +54,21 @@ def _is_keras3(obj) -> bool:
     return type(obj).__module__.split(".")[0] == "keras"
 
 
-def _refuse_keras3(obj, argument: str, equivalent: str) -> None:
-    if _is_keras3(obj):
-        raise TypeError(
-            f"`{argument}` is a Keras 3 object ({type(obj).__module__}.{type(obj).__name__}; on "
-            "TF >= 2.16 `tf.keras` is Keras 3). tfp_flows.FlowModel is a tf_keras model: use "
-            f"{equivalent}, or train with `from tfp_flows.keras3 import FlowModel`."
-        )
+def _refuse_keras3(obj, argument: str, module: str) -> None:
+    """Refuse a Keras 3 object, naming its equivalent `tf_keras.<module>.<class>`."""
+    if not _is_keras3(obj):
+        return
+    namespace = tf_keras
+    for part in module.split("."):
+        namespace = getattr(namespace, part)
+    name = type(obj).__name__
+    equivalent = (f"tf_keras.{module}.{name}" if hasattr(namespace, name)
+                  else f"the matching class of tf_keras.{module}")
+    raise TypeError(
+        f"`{argument}` is a Keras 3 object ({type(obj).__module__}.{name}; on TF >= 2.16 "
+        f"`tf.keras` is Keras 3). tfp_flows.FlowModel is a tf_keras model: use {equivalent} "
+        "(import tf_keras), or train with `from tfp_flows.keras3 import FlowModel`."
+    )
 
 
 class _NonFiniteAndDivergence(tf_keras.callbacks.Callback):
@@ -397,16 +405,18 @@ class FlowModel(tf_keras.Model):
                 "its state, save as `.keras` or with tf.train.Checkpoint / ModelCheckpoint.",
                 RuntimeWarning, stacklevel=2,
             )
-        _refuse_keras3(optimizer, "optimizer", "tf_keras.optimizers.Adam (import tf_keras)")
+        _refuse_keras3(optimizer, "optimizer", "optimizers")
         if learning_rate is not None:
-            learning_rate = check_positive_number("learning_rate", learning_rate)
+            _refuse_keras3(learning_rate, "learning_rate", "optimizers.schedules")
+            if not isinstance(learning_rate, tf_keras.optimizers.schedules.LearningRateSchedule):
+                learning_rate = check_positive_number("learning_rate", learning_rate)
         if kwargs.get("loss") is not None:
             raise ValueError(
                 "`loss`: FlowModel's loss is the negative log-likelihood; do not pass `loss`."
             )
         kwargs.pop("loss", None)
         for metric in tf.nest.flatten(kwargs.get("metrics") or []):
-            _refuse_keras3(metric, "metrics", "tf_keras.metrics")
+            _refuse_keras3(metric, "metrics", "metrics")
         if isinstance(optimizer, str):
             optimizer = tf_keras.optimizers.get(optimizer)
             if learning_rate is not None:
@@ -423,7 +433,7 @@ class FlowModel(tf_keras.Model):
                 f"{type(optimizer).__name__}."
             )
         rate = getattr(optimizer, "_learning_rate", None)
-        _refuse_keras3(rate, "learning_rate schedule", "tf_keras.optimizers.schedules")
+        _refuse_keras3(rate, "learning_rate schedule", "optimizers.schedules")
         if isinstance(rate, tf.Variable):
             check_positive_number("learning_rate", float(rate.numpy()))
         self._auto_steps = steps_per_execution == "epoch"
@@ -437,7 +447,11 @@ class FlowModel(tf_keras.Model):
         optimizer = config.get("optimizer")
         if isinstance(optimizer, dict):
             optimizer = tf_keras.optimizers.deserialize(optimizer)
-        self.compile(optimizer=optimizer or "adam")
+        jit_compile = config.get("jit_compile")
+        self.compile(optimizer=optimizer or "adam",
+                     jit_compile=True if jit_compile is None else bool(jit_compile),
+                     steps_per_execution=(config.get("steps_per_execution") or 1) > 1
+                     and config["steps_per_execution"] or "epoch")
         if self.built and hasattr(self.optimizer, "build"):
             self.optimizer.build(self.trainable_variables)
 
@@ -543,7 +557,7 @@ class FlowModel(tf_keras.Model):
             patience = check_integer("patience", patience, minimum=0)
         callbacks = list(callbacks or [])
         for callback in callbacks:
-            _refuse_keras3(callback, "callbacks", "tf_keras.callbacks (import tf_keras)")
+            _refuse_keras3(callback, "callbacks", "callbacks")
         shuffle = kwargs.pop("shuffle", True)
         if not isinstance(shuffle, bool):
             raise TypeError(f"`shuffle` must be True or False; given {shuffle!r}.")
