@@ -1,0 +1,117 @@
+"""`FlowModel.fit` against a plain `tf.function(jit_compile=True)` loop, per training step.
+
+    python benchmarks/fit_overhead.py [--quick]
+
+The same `TransformedDistribution` (`model.distribution`) and the same optimizer
+class (tf_keras Adam, lr 1e-3) in both; the plain loop is `nll_adam_step` over
+pre-made batch tensors, `fit` runs with default arguments (arrays in, equal
+shuffled batches, `steps_per_execution="epoch"`, progress bar off). Rounds
+alternate plain and fit; each figure is the median over rounds of the per-step
+time (fit: an epoch's wall time over its steps, the compiling epoch excluded).
+Also the first call: from `fit` (or the plain step's first call) to the end of the
+first step, trace and XLA compile included.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_probability as tfp  # noqa: E402
+import tf_keras  # noqa: E402
+
+from nll_step import nll_adam_step  # noqa: E402
+from tfp_flows import FlowModel, flows  # noqa: E402
+from tfp_flows.datasets import toy  # noqa: E402
+
+MACHINE = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU"
+
+
+class _EpochClock(tf_keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.seconds, self.began = [], time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def workloads(quick: bool):
+    rng = np.random.default_rng(0)
+    eight = np.concatenate([toy("8gaussians", 4096, seed=s) for s in range(4)], axis=1)
+    images = rng.normal(size=(512 if quick else 1024, 16, 16, 3)).astype(np.float32)
+    return [
+        ("planar 32, D=2, batch 512", lambda: flows.planar_flow(2, 32, seed=0), [2],
+         toy("8gaussians", 4096, seed=0), 512),
+        ("MAF D=8, 5 x [64, 64], batch 512", lambda: flows.maf(8, 5, [64, 64], seed=0), [8],
+         eight, 512),
+        ("RealNVP D=8, 8 x [64, 64], batch 512", lambda: flows.realnvp(8, 8, [64, 64], seed=0),
+         [8], eight, 512),
+        ("Glow 16x16x3, 2 x 4, hidden 64, batch 32",
+         lambda: flows.glow([16, 16, 3], 2, 4, 64, seed=0), [16, 16, 3], images, 32),
+    ]
+
+
+def measure(build, event_shape, data, batch: int, rounds: int) -> dict:
+    steps = len(data) // batch
+    # Plain loop over the same kind of distribution, its own copy of the flow.
+    plain_flow = build()
+    plain_model = FlowModel(plain_flow, event_shape)  # only for its distribution
+    plain_flow.initialize(data[:batch])
+    step = nll_adam_step(plain_model.distribution, plain_model.trainable_variables, 1e-3, True)
+    batches = [tf.constant(data[i * batch:(i + 1) * batch]) for i in range(steps)]
+    start = time.perf_counter()
+    step(batches[0]).numpy()
+    plain_first = time.perf_counter() - start
+    model = FlowModel(build(), event_shape)
+    model.compile(learning_rate=1e-3)
+    clock = _EpochClock()
+    start = time.perf_counter()
+    model.fit(data, epochs=1, batch_size=batch, verbose=0, callbacks=[clock])
+    fit_first_epoch = time.perf_counter() - start
+    plain, fit = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for x in batches:
+            loss = step(x)
+        loss.numpy()
+        plain.append((time.perf_counter() - start) / steps)
+        model.fit(data, epochs=1, batch_size=batch, verbose=0, callbacks=[clock])
+        fit.append(clock.seconds[-1] / steps)
+    return {"plain": float(np.median(plain)), "fit": float(np.median(fit)),
+            "plain_first": plain_first, "fit_first_epoch": fit_first_epoch, "steps": steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    args = parser.parse_args()
+    rounds = 3 if args.quick else 8
+    lines = [f"FlowModel.fit vs a plain jit loop, {datetime.date.today()}, {MACHINE}, "
+             f"TF {tf.__version__}, TFP {tfp.__version__}, tf_keras {tf_keras.__version__}", "",
+             "| workload | plain loop ms/step | FlowModel.fit ms/step | fit / plain | "
+             "plain first step (s) | fit first epoch (s, steps) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, build, shape, data, batch in workloads(args.quick):
+        r = measure(build, shape, data, batch, rounds)
+        lines.append(f"| {name} | {1e3 * r['plain']:.2f} | {1e3 * r['fit']:.2f} | "
+                     f"{r['fit'] / r['plain']:.2f}x | {r['plain_first']:.1f} | "
+                     f"{r['fit_first_epoch']:.1f} ({r['steps']}) |")
+        print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    with open(os.path.join(os.path.dirname(__file__), "results", "fit_overhead.md"), "w") as f:
+        f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
