@@ -115,3 +115,14 @@ def test_conditional_flow_refuses_missing_or_unexpected_context():
 def test_builders_refuse_bad_arguments_naming_them(call, match):
     with pytest.raises((TypeError, ValueError), match=match):
         call()
+
+
+def test_two_flows_in_one_process_keep_separate_caches():
+    """Equal-looking flows must not compare their definitions' arrays (TFP's cache compares)."""
+    a, b = flows.glow([4, 4, 1], 1, 1, 4, seed=0), flows.glow([4, 4, 1], 1, 1, 4, seed=0)
+    data = tf.constant(np.random.default_rng(0).normal(2.0, 1.0, size=[8, 4, 4, 1]), tf.float32)
+    za = a.inverse(data)
+    b.initialize(data)  # clears b's cache entries while a's are alive
+    a.initialize(data)
+    np.testing.assert_allclose(a.inverse(data).numpy(), b.inverse(fresh(data)).numpy(), atol=1e-6)
+    assert np.abs(a.inverse(data).numpy() - za.numpy()).max() > 1e-3

@@ -27,7 +27,7 @@ __all__ = ["Definition", "Parameter", "BUILDERS", "define", "definition"]
 BUILDERS: dict[str, Callable[..., "Definition"]] = {}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Parameter:
     """One array of a flow: its name, float64 initial value, and whether it trains."""
 
@@ -42,7 +42,7 @@ class Parameter:
 BuildFn = Callable[[Mapping[str, tf.Tensor], "tf.Tensor | None", "dict | None"], tfb.Bijector]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Definition:
     """A flow's parameters and how its bijector is built from them.
 
