@@ -126,3 +126,11 @@ def test_two_flows_in_one_process_keep_separate_caches():
     a.initialize(data)
     np.testing.assert_allclose(a.inverse(data).numpy(), b.inverse(fresh(data)).numpy(), atol=1e-6)
     assert np.abs(a.inverse(data).numpy() - za.numpy()).max() > 1e-3
+
+
+def test_tf_keras_flow_model_points_keras3_layers_to_the_keras3_path():
+    from tfp_flows import FlowModel
+    from tfp_flows.keras3 import flows as keras3_flows
+
+    with pytest.raises(TypeError, match="tfp_flows.keras3 import FlowModel"):
+        FlowModel(keras3_flows.planar_flow(2, 2, seed=0), [2])

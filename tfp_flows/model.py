@@ -154,6 +154,11 @@ class FlowModel(tf_keras.Model):
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
+        if type(bijector).__module__.startswith("tfp_flows.keras3"):
+            raise TypeError(
+                f"`bijector` is a Keras 3 flow layer ({type(bijector).__name__}); train it with "
+                "`from tfp_flows.keras3 import FlowModel`, or build the flow with tfp_flows.flows."
+            )
         if not isinstance(bijector, tfb.Bijector):
             raise TypeError(
                 "`bijector` must be a tfp.bijectors.Bijector (e.g. from tfp_flows.flows); "
