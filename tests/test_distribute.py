@@ -13,6 +13,11 @@ import textwrap
 import numpy as np
 import pytest
 
+_NEEDS_FIX = pytest.mark.xfail(
+    strict=True, reason="needs fix: apply_gradients inside a per-replica tf.cond (merge_call), "
+    "optimizer slots built outside the strategy scope, metric sums restored in a scope, XLA "
+    "on CPU replicas (/work/notes/fixes_saving.diff)")
+
 _PRELUDE = textwrap.dedent("""
     import json, os, sys
     import numpy as np
@@ -45,12 +50,13 @@ def _run(script: str, timeout: int, env=None) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@_NEEDS_FIX
 def test_mirrored_strategy_trains_like_one_device_and_saves(tmp_path):
     """20 steps (global batch 64, no shuffling, XLA) on two replicas give the losses and
     weights of one device; the model saves under the strategy and loads outside it and
     inside another strategy's scope."""
     out = _run(f"""
-        x = data(20 * 64, seed=0)
+        x = data(10 * 64, seed=0)  # two epochs of 10 steps
         probe = data(16, seed=1)
 
         def train(strategy):
@@ -76,25 +82,32 @@ def test_mirrored_strategy_trains_like_one_device_and_saves(tmp_path):
             outside = tf_keras.models.load_model(path)
             with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
                 inside = tf_keras.models.load_model(path)
-            more = inside.fit(x[:256], epochs=1, batch_size=64, shuffle=False, verbose=0)
             reloaded[path] = {{
                 "outside": bool(np.array_equal(outside.log_prob(probe).numpy(), reference)),
                 "inside": bool(np.array_equal(inside.log_prob(probe).numpy(), reference)),
                 "inside_type": type(inside).__name__,
-                "more_finite": bool(np.isfinite(more.history["loss"]).all()),
             }}
+        # Training goes on inside the new scope, from the saved optimizer state.
+        more = inside.fit(x[:256], epochs=1, batch_size=64, shuffle=False, verbose=0)
+        reloaded["continued"] = {{"finite": bool(np.isfinite(more.history["loss"]).all()),
+                                 "iterations": int(inside.optimizer.iterations.numpy())}}
         print(json.dumps({{"replicas": mirrored.num_replicas_in_sync, "two": two_loss,
                           "one": one_loss, "weight_gap": weight_gap,
                           "iterations": int(two.optimizer.iterations.numpy()),
+                          "jit": [bool(two._jit_compile), bool(one._jit_compile)],
                           "reloaded": reloaded}}))
     """, timeout=300)
     assert out["replicas"] == 2 and out["iterations"] == 20
+    # XLA has no cross-replica step on CPUs: the mirrored model falls back (with a warning).
+    assert out["jit"] == [False, True]
     np.testing.assert_allclose(out["two"], out["one"], rtol=1e-5)
     assert out["two"][1] < out["two"][0]
     assert out["weight_gap"] < 1e-4, out["weight_gap"]
+    continued = out["reloaded"].pop("continued")
     for path, result in out["reloaded"].items():
-        assert result == {"outside": True, "inside": True, "inside_type": "FlowModel",
-                          "more_finite": True}, (path, result)
+        assert result == {"outside": True, "inside": True, "inside_type": "FlowModel"}, path
+    # The folder (loaded last) restarts its optimizer (tf_keras's SavedModel format): 4 steps.
+    assert continued == {"finite": True, "iterations": 4}
 
 
 def _free_ports(count: int) -> list:
@@ -107,6 +120,7 @@ def _free_ports(count: int) -> list:
     return ports
 
 
+@_NEEDS_FIX
 def test_multi_worker_mirrored_strategy_ends_with_equal_weights(tmp_path):
     """Two worker processes on 127.0.0.1 train one model; each writes its weights."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
@@ -146,5 +160,5 @@ def test_multi_worker_mirrored_strategy_ends_with_equal_weights(tmp_path):
     assert set(first.files) == set(second.files) and len(first.files) > 3
     for key in first.files:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
-    assert int(first["iterations"]) == 2 * 8 // 2  # global batch 64 over two workers: 4 steps
+    assert int(first["iterations"]) == 16  # 512 rows, global batch 64: 8 steps, 2 epochs
     assert np.isfinite(first["loss"]).all() and first["loss"][1] < first["loss"][0]
