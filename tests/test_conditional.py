@@ -24,13 +24,6 @@ from tfp_flows.datasets import conditional_toy
 tfb = tfp.bijectors
 
 K = 3  # context size of the exactness and bad-context tests
-# Flow.forward and fit on a dataset do not yet refuse every bad context with a clear error;
-# the fix is /work/notes/fixes_conditional.diff (definitions/core.py, flows.py, model.py).
-NEEDS_FIX = pytest.mark.xfail(
-    strict=True,
-    reason="Definition.check_context does not check dtype, finiteness or rows against x; "
-           "FlowModel._dataset_checked does not check dtypes (fixes_conditional.diff)",
-)
 
 BUILDERS = {
     "planar_flow": (lambda dtype, k=K: flows.planar_flow(2, 3, seed=1, dtype=dtype, context_size=k,
@@ -265,12 +258,6 @@ BAD_CONTEXTS = {
                        lambda n: ["context", "float32", "float64"]),
 }
 
-# (builder, case) pairs that Flow.forward does not yet refuse clearly (see NEEDS_FIX).
-_FLOW_FORWARD_FAILING = {
-    (name, case) for name in BUILDERS for case in ("nan", "inf", "bool", "float64_tensor")
-} | {(name, case) for name in ("planar_flow", "radial_flow") for case in ("rank_1", "other_rows")
-     } | {(name, "string") for name in BUILDERS}
-
 
 def _message_check(error, words):
     message = str(error.value)
@@ -279,8 +266,7 @@ def _message_check(error, words):
 
 
 @pytest.mark.parametrize("name,case", [
-    pytest.param(name, case, marks=[NEEDS_FIX] if (name, case) in _FLOW_FORWARD_FAILING else [])
-    for name in sorted(BUILDERS) for case in BAD_CONTEXTS
+    (name, case) for name in sorted(BUILDERS) for case in BAD_CONTEXTS
 ])
 def test_flow_forward_refuses_a_bad_context_clearly(name, case):
     build, event_shape = BUILDERS[name]
@@ -369,7 +355,6 @@ def test_fit_refuses_bad_validation_contexts_and_datasets(conditional_model):
         conditional_model.fit(tf.data.Dataset.from_tensor_slices(x).batch(4), verbose=0)
 
 
-@NEEDS_FIX
 def test_fit_refuses_a_dataset_context_of_another_dtype(conditional_model):
     x, c = np.zeros((8, 2), np.float32), np.zeros((8, K), np.float64)
     with pytest.raises(TypeError, match="float32.*float64"):

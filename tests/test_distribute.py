@@ -13,11 +13,6 @@ import textwrap
 import numpy as np
 import pytest
 
-_NEEDS_FIX = pytest.mark.xfail(
-    strict=True, reason="needs fix: apply_gradients inside a per-replica tf.cond (merge_call), "
-    "optimizer slots built outside the strategy scope, metric sums restored in a scope, XLA "
-    "on CPU replicas (/work/notes/fixes_saving.diff)")
-
 _PRELUDE = textwrap.dedent("""
     import json, os, sys
     import numpy as np
@@ -50,7 +45,6 @@ def _run(script: str, timeout: int, env=None) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@_NEEDS_FIX
 def test_mirrored_strategy_trains_like_one_device_and_saves(tmp_path):
     """20 steps (global batch 64, no shuffling, XLA) on two replicas give the losses and
     weights of one device; the model saves under the strategy and loads outside it and
@@ -120,7 +114,6 @@ def _free_ports(count: int) -> list:
     return ports
 
 
-@_NEEDS_FIX
 def test_multi_worker_mirrored_strategy_ends_with_equal_weights(tmp_path):
     """Two worker processes on 127.0.0.1 train one model; each writes its weights."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}

@@ -253,14 +253,7 @@ KERAS3 = {
 }
 
 
-_NEEDS_FIX = pytest.mark.xfail(
-    strict=True, reason="needs fix: the TypeError names a module or the wrong class, and a "
-    "Keras 3 schedule in compile(learning_rate=...) gets the number check's message "
-    "(/work/notes/fixes_saving.diff)")
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=() if k == "adam" else _NEEDS_FIX)
-                                  for k in KERAS3])
+@pytest.mark.parametrize("kind", sorted(KERAS3))
 def test_keras3_objects_raise_one_clear_type_error(kind):
     obj = KERAS3[kind]()
     model = FlowModel(flows.planar_flow(2, 1, seed=0), event_shape=[2])
@@ -281,8 +274,6 @@ def test_keras3_objects_raise_one_clear_type_error(kind):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason="needs fix: compile(learning_rate=<tf_keras schedule>) "
-                   "is refused by the number check (/work/notes/fixes_saving.diff)")
 def test_compile_takes_a_tf_keras_schedule_as_learning_rate():
     schedule = tf_keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=1, decay_rate=0.5)
     model = FlowModel(flows.planar_flow(2, 1, seed=0), event_shape=[2])

@@ -250,8 +250,6 @@ def test_full_model_formats_reload_bitwise_in_a_fresh_process(trained, tmp_path)
                                       err_msg=f"{job['name']} by {job['route']}")
 
 
-@pytest.mark.xfail(strict=True, reason="needs fix: FlowModel.compile_from_config drops "
-                   "jit_compile and steps_per_execution (/work/notes/fixes_saving.diff)")
 def test_compile_settings_survive_the_keras_file(tmp_path):
     """A model compiled without XLA (or with steps_per_execution) comes back so."""
     model = fresh("planar")

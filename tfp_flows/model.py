@@ -127,6 +127,18 @@ class _NonFiniteAndDivergence(tf_keras.callbacks.Callback):
             )
 
 
+@tf_keras.utils.register_keras_serializable(package="tfp_flows")
+class _RunningMean(tf_keras.metrics.Mean):
+    """A running mean whose sums stay out of saved files: they restart every epoch, and
+    tf_keras cannot restore a metric's (sync-on-read) sums inside a strategy's scope."""
+
+    def save_own_variables(self, store):
+        pass
+
+    def load_own_variables(self, store):
+        pass
+
+
 def _standard_normal(event_shape, dtype) -> tfd.Distribution:
     return tfd.Sample(tfd.Normal(tf.zeros([], dtype), tf.ones([], dtype)), list(event_shape))
 
@@ -197,7 +209,7 @@ class FlowModel(tf_keras.Model):
         # Held outside Keras' attribute tracking: the metrics' running sums are not weights
         # of the flow (they would enter save_weights, get_weights and count_params).
         object.__setattr__(self, "_tracked_metrics", [
-            tf_keras.metrics.Mean(name=name) for name in ("loss", "nll", "bits_per_dim")])
+            _RunningMean(name=name) for name in ("loss", "nll", "bits_per_dim")])
         self.diverged = False
         # Build what Keras layers inside a TFP bijector create lazily, then make every
         # variable of the flow a weight of the model (so save_weights, .keras, SavedModel
@@ -361,24 +373,43 @@ class FlowModel(tf_keras.Model):
     def train_step(self, data):
         x, context = self._unpack(data)
         variables = self.trainable_variables
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        replica = tf.distribute.get_replica_context()
         with tf.GradientTape() as tape:
             nll = -tf.reduce_mean(self._log_prob(x, context))
-            scaled = nll / replicas
+            scaled = nll / replica.num_replicas_in_sync
         gradients = tape.gradient(scaled, variables)
-        finite = tf.math.is_finite(nll)
-        for g in gradients:
-            if g is not None:
-                finite = finite & tf.reduce_all(tf.math.is_finite(g))
         pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+        # Gradients summed over replicas here (the optimizer then skips its own sum), so
+        # that every replica sees the same sums and takes the same decision.
+        total, *summed = replica.all_reduce(tf.distribute.ReduceOp.SUM,
+                                            [scaled] + [g for g, _ in pairs])
+        finite = tf.math.is_finite(total)
+        for g in summed:
+            finite = finite & tf.reduce_all(tf.math.is_finite(g))
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._apply_if_finite, self.distribute_strategy, finite,
+            list(zip(summed, [v for _, v in pairs])))
+        return self._record(nll)
 
-        # A non-finite step is skipped whole: weights, optimizer slots and iterations stay.
-        def apply():
-            self.optimizer.apply_gradients(pairs)
-            return tf.constant(True)
+    def _apply_if_finite(self, strategy, finite, grads_and_vars) -> None:
+        """Apply the step, or skip it whole when `finite` is false (weights, optimizer slots
+        and `iterations` stay). Under strategies that synchronise by `merge_call` this runs
+        in cross-replica context: a replica cannot synchronise inside a branch of its own."""
+        def apply_gradients(pairs):
+            self.optimizer.apply_gradients(pairs, experimental_aggregate_gradients=False)
+
+        if tf.distribute.in_cross_replica_context():
+            finite = strategy.experimental_local_results(finite)[0]
+
+            def apply():
+                strategy.extended.call_for_each_replica(apply_gradients, args=(grads_and_vars,))
+                return tf.constant(True)
+        else:
+            def apply():
+                apply_gradients(grads_and_vars)
+                return tf.constant(True)
 
         tf.cond(finite, apply, lambda: tf.constant(False))
-        return self._record(nll)
 
     def test_step(self, data):
         x, context = self._unpack(data)
@@ -445,6 +476,15 @@ class FlowModel(tf_keras.Model):
         if not self._auto_steps:
             kwargs["steps_per_execution"] = check_positive_integer(
                 "steps_per_execution", steps_per_execution)
+        strategy = self.distribute_strategy
+        devices = strategy.extended.worker_devices if strategy.num_replicas_in_sync > 1 else ()
+        if jit_compile and any(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in devices):
+            warnings.warn(
+                "FlowModel: XLA compiles no cross-replica step on CPU devices (TensorFlow has no "
+                "XLA collectives for CPUs, and replicas on logical CPUs of one process share "
+                f"no XLA device) ({', '.join(devices)}): compiling without XLA (jit_compile=False).",
+                RuntimeWarning, stacklevel=2)
+            jit_compile = False
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
 
     def compile_from_config(self, config):
@@ -635,12 +675,14 @@ class FlowModel(tf_keras.Model):
         routing.initialize(self.bijector, x, context)
 
     def _build_optimizer(self) -> None:
-        """Create the optimizer's slots now, so a skipped step creates nothing in a branch."""
+        """Create the optimizer's slots now, so a skipped step creates nothing in a branch;
+        in the model's strategy scope, so that they are mirrored like the variables."""
         variables = self.trainable_variables
-        if isinstance(self.optimizer, tf_keras.optimizers.legacy.Optimizer):
-            self.optimizer._create_all_weights(variables)
-        else:
-            self.optimizer.build(variables)
+        with self.distribute_strategy.scope():
+            if isinstance(self.optimizer, tf_keras.optimizers.legacy.Optimizer):
+                self.optimizer._create_all_weights(variables)
+            else:
+                self.optimizer.build(variables)
 
     # --- configuration and saving ----------------------------------------------------
 
