@@ -206,6 +206,21 @@ def test_savedmodel_folder_restarts_the_optimizer(trained):
     assert any(not np.array_equal(a, b) for a, b in zip(after, before))
 
 
+def test_savedmodel_folder_optimizer_state_restored_from_its_checkpoint(trained):
+    """The folder's variables/ is a TF checkpoint of the model, optimizer included:
+    reading it after load_model gives back iterations and slots (the README's recipe)."""
+    case = trained("planar")
+    model = load("folder", case)
+    tf.train.Checkpoint(root=model).read(
+        os.path.join(case.paths["folder"], "variables", "variables")).expect_partial()
+    model._build_optimizer()
+    assert int(model.optimizer.iterations.numpy()) == case.iterations
+    for restored, saved in zip(model.optimizer.variables, case.optimizer_values):
+        np.testing.assert_array_equal(restored.numpy(), saved)
+    for after, expected in zip(one_more_step(model, "planar"), case.continued):
+        np.testing.assert_allclose(after, expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("name", ["chain", "conditional"])
 def test_reloaded_models_export(trained, tmp_path, name):
     case = trained(name)
@@ -289,6 +304,7 @@ def _own_model():
 def test_unrebuildable_flow_is_refused_at_save_time_naming_the_working_routes(tmp_path,
                                                                                filename):
     model = _own_model()
+    model.compile(jit_compile=False)
     path = str(tmp_path / filename)
     with pytest.raises(NotRebuildableError, match=r"_OwnScale.*save_weights.*export"):
         model.save(path)
