@@ -9,8 +9,6 @@ builders' names, arguments and docstrings are those of `tfp_flows.definitions`.
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -150,19 +148,4 @@ class Flow(tfb.Bijector):
         return attributes["ildj"]
 
 
-def _builder(define: Callable[..., Definition]) -> Callable[..., Flow]:
-    @functools.wraps(define)
-    def build(*args, **kwargs) -> Flow:
-        return Flow(define(*args, **kwargs))
-
-    build.__annotations__ = dict(build.__annotations__, **{"return": Flow})
-    return build
-
-
-planar_flow = _builder(definitions.planar_flow)
-radial_flow = _builder(definitions.radial_flow)
-maf = _builder(definitions.maf)
-iaf = _builder(definitions.iaf)
-nice = _builder(definitions.nice)
-realnvp = _builder(definitions.realnvp)
-glow = _builder(definitions.glow)
+planar_flow, radial_flow, maf, iaf, nice, realnvp, glow = definitions.front_end(Flow)

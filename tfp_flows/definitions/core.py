@@ -21,7 +21,8 @@ from tfp_flows.checks import check_dtype, check_positive_integer, check_seed
 
 tfb = tfp.bijectors
 
-__all__ = ["Definition", "Parameter", "BUILDERS", "define", "definition"]
+__all__ = ["Definition", "Parameter", "BUILDERS", "BUILDER_NAMES", "define", "definition",
+           "front_end"]
 
 # Builder name -> function returning a `Definition`, filled by `@definition`.
 BUILDERS: dict[str, Callable[..., "Definition"]] = {}
@@ -148,6 +149,27 @@ def define(builder: str, **arguments) -> Definition:
             f"`builder` must be one of {', '.join(sorted(BUILDERS))}; given {builder!r}."
         )
     return BUILDERS[builder](**arguments)
+
+
+# The builders every front end offers, in the order `front_end` returns them.
+BUILDER_NAMES = ("planar_flow", "radial_flow", "maf", "iaf", "nice", "realnvp", "glow")
+
+
+def front_end(make: Callable[[Definition], object]) -> tuple:
+    """The builders of a front end: each registered builder, its result passed to `make`.
+
+    Same names, arguments and docstrings as the definitions' functions, in the order
+    of `BUILDER_NAMES`; `make` (e.g. `Flow`, `FlowLayer`) owns the variables.
+    """
+    def wrap(define):
+        @functools.wraps(define)
+        def build(*args, **kwargs):
+            return make(define(*args, **kwargs))
+
+        build.__annotations__ = dict(build.__annotations__, **{"return": make})
+        return build
+
+    return tuple(wrap(BUILDERS[name]) for name in BUILDER_NAMES)
 
 
 def common_arguments(event_size, seed, dtype, context_size) -> tuple:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import keras
-import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
