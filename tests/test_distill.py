@@ -67,7 +67,7 @@ def test_distilled_student_is_close_to_the_teacher(distilled):
     assert -4 * standard_error < kl < 0.1 and standard_error < 0.01, (kl, standard_error)
     # The teacher is normalised, so the training ELBO is −KL(q‖p) per batch.
     assert abs(-result.history[-100:].mean() - kl) < 0.03, (result.history[-100:].mean(), kl)
-    assert result.history[:20].mean() < -1.0
+    assert result.history[:5].mean() < -1.0  # it started far from the teacher (measured about -2.1)
 
 
 def test_distillation_leaves_the_teacher_unchanged(distilled):
