@@ -1,7 +1,6 @@
 """`FlowModel`: maximum-likelihood training of a flow with tf_keras `fit`, and every Keras route."""
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Sequence
 
@@ -11,21 +10,22 @@ import tensorflow_probability as tfp
 import tf_keras
 
 from tfp_flows import routing
-from tfp_flows.checks import (
-    check_fraction,
-    check_integer,
-    check_positive_integer,
-    check_positive_number,
-    check_samples,
-    check_shape,
-)
-from tfp_flows.export import export_functions
+from tfp_flows.checks import check_positive_integer, check_positive_number
 from tfp_flows.serialization import (
     NotRebuildableError,
     bijector_config,
     bijector_from_config,
     distribution_config,
     distribution_from_config,
+)
+from tfp_flows.training import (
+    DivergenceWarning,
+    EpochGuard,
+    FlowTraining,
+    check_base_distribution,
+    checked_shapes,
+    divergence_threshold,  # noqa: F401 (re-exported: tfp_flows.model.divergence_threshold)
+    standard_normal,
 )
 
 tfb = tfp.bijectors
@@ -39,15 +39,6 @@ _ROUTES_FOR_ANY_FLOW = (
     "ModelCheckpoint(..., save_weights_only=True), or model.export(path) (a SavedModel for "
     "plain TensorFlow)"
 )
-
-
-class DivergenceWarning(UserWarning):
-    """An epoch ended with a training NLL far above the first epoch's."""
-
-
-def divergence_threshold(first_nll: float) -> float:
-    """Training has diverged when an epoch's NLL exceeds `first + max(10, |first| / 2)` nats."""
-    return first_nll + max(10.0, 0.5 * abs(first_nll))
 
 
 def _is_keras3(obj) -> bool:
@@ -71,60 +62,8 @@ def _refuse_keras3(obj, argument: str, module: str) -> None:
     )
 
 
-class _NonFiniteAndDivergence(tf_keras.callbacks.Callback):
-    """Epoch-level guard: non-finite NLLs and divergence.
-
-    A non-finite training NLL raises `FloatingPointError` (the non-finite steps were
-    not applied). A non-finite validation NLL ends training gracefully: a warning,
-    the best weights restored when early stopping keeps them, and `fit` returns its
-    history. An epoch whose training NLL exceeds `divergence_threshold` of the first
-    epoch's warns once (`DivergenceWarning`) and sets `model.diverged`.
-    The checks run per epoch: a batch-level hook would make Keras wait on every step.
-    """
-
-    def __init__(self, early_stopping=None):
-        super().__init__()
-        self._early_stopping = early_stopping
-        self._first = None
-
-    def on_train_begin(self, logs=None):
-        self.model.diverged = False
-        self._first = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        nll = logs.get("nll")
-        if nll is not None and not math.isfinite(float(nll)):
-            self.model.stop_training = True
-            raise FloatingPointError(
-                f"FlowModel: the training NLL became {nll} in epoch {epoch + 1}. Non-finite steps "
-                "were not applied, so the weights are those of the last finite step; lower the "
-                "learning rate or check the data."
-            )
-        if nll is not None:
-            if self._first is None:
-                self._first = float(nll)
-            elif not self.model.diverged and float(nll) > divergence_threshold(self._first):
-                self.model.diverged = True
-                warnings.warn(
-                    f"FlowModel: training diverged: the NLL of epoch {epoch + 1} is {float(nll):.4g} "
-                    f"nats against {self._first:.4g} in the first epoch (threshold: first + "
-                    "max(10, |first|/2)). Lower the learning rate.",
-                    DivergenceWarning, stacklevel=2,
-                )
-        val = logs.get("val_nll")
-        if val is not None and not math.isfinite(float(val)):
-            self.model.stop_training = True
-            restored = ""
-            stopper = self._early_stopping
-            if stopper is not None and stopper.restore_best_weights and stopper.best_weights:
-                self.model.set_weights(stopper.best_weights)
-                restored = f" The weights of the best epoch ({stopper.best_epoch + 1}) were restored."
-            warnings.warn(
-                f"FlowModel: the validation NLL became {val} in epoch {epoch + 1} (a held-out "
-                f"point lies outside what the model learned); training stopped.{restored}",
-                RuntimeWarning, stacklevel=2,
-            )
+class _NonFiniteAndDivergence(EpochGuard, tf_keras.callbacks.Callback):
+    """`EpochGuard` as a tf_keras callback."""
 
 
 @tf_keras.utils.register_keras_serializable(package="tfp_flows")
@@ -139,12 +78,8 @@ class _RunningMean(tf_keras.metrics.Mean):
         pass
 
 
-def _standard_normal(event_shape, dtype) -> tfd.Distribution:
-    return tfd.Sample(tfd.Normal(tf.zeros([], dtype), tf.ones([], dtype)), list(event_shape))
-
-
 @tf_keras.utils.register_keras_serializable(package="tfp_flows")
-class FlowModel(tf_keras.Model):
+class FlowModel(FlowTraining, tf_keras.Model):
     """A trainable `tfd.TransformedDistribution(base, bijector)` for `tf_keras`.
 
     The loss is built in: the negative log-likelihood `−mean log p(x)` (or
@@ -155,6 +90,10 @@ class FlowModel(tf_keras.Model):
     variables (the builders of `tfp_flows.flows`, TFP's bijectors, chains of them);
     they are the model's weights, so every Keras save route keeps them.
     """
+
+    _early_stopping_class = tf_keras.callbacks.EarlyStopping
+    _guard_class = _NonFiniteAndDivergence
+    _casts_datasets = False
 
     def __init__(
         self,
@@ -176,31 +115,15 @@ class FlowModel(tf_keras.Model):
                 "`bijector` must be a tfp.bijectors.Bijector (e.g. from tfp_flows.flows); "
                 f"given {type(bijector).__name__}."
             )
-        self._event_shape = check_shape("event_shape", list(tf.TensorShape(event_shape).as_list())
-                                        if isinstance(event_shape, tf.TensorShape) else event_shape)
-        self._context_shape = None if context_shape is None else check_shape(
-            "context_shape", context_shape)
-        if self._context_shape is not None and len(self._context_shape) != 1:
-            raise ValueError(
-                f"`context_shape` must be [k] (a context vector); given {list(self._context_shape)}."
-            )
+        self._event_shape, self._context_shape = checked_shapes(
+            list(tf.TensorShape(event_shape).as_list())
+            if isinstance(event_shape, tf.TensorShape) else event_shape, context_shape)
+        self._default_base = base_distribution is None
         if base_distribution is None:
             floating = [v.dtype for v in bijector.variables if v.dtype.is_floating]
             dtype = bijector.dtype or (floating[0] if floating else tf.float32)
-            base_distribution = _standard_normal(self._event_shape, dtype)
-            self._default_base = True
-        elif not isinstance(base_distribution, tfd.Distribution):
-            raise TypeError(
-                "`base_distribution` must be a tfp.distributions.Distribution; "
-                f"given {type(base_distribution).__name__}."
-            )
-        else:
-            self._default_base = False
-        if base_distribution.event_shape.as_list() != list(self._event_shape):
-            raise ValueError(
-                f"`base_distribution` has event shape {base_distribution.event_shape.as_list()}; "
-                f"expected the model's event_shape {list(self._event_shape)}."
-            )
+            base_distribution = standard_normal(self._event_shape, dtype)
+        check_base_distribution(base_distribution, self._event_shape)
         routing.check_conditioning(bijector, self._context_shape)
         self.bijector = bijector
         self.base_distribution = base_distribution
@@ -226,25 +149,12 @@ class FlowModel(tf_keras.Model):
     # --- the distribution -------------------------------------------------------------
 
     @property
-    def flow_dtype(self) -> tf.DType:
-        """The flow's floating dtype (the base distribution's)."""
-        return self.base_distribution.dtype
-
-    @property
     def distribution(self) -> tfd.TransformedDistribution:
         """The flow's `tfd.TransformedDistribution` (base → data through the bijector).
 
         For a conditional model pass `bijector_kwargs=model.bijector_kwargs(context)`.
         """
         return self._distribution
-
-    @property
-    def event_shape(self) -> tuple:
-        return self._event_shape
-
-    @property
-    def context_shape(self) -> tuple | None:
-        return self._context_shape
 
     def bijector_kwargs(self, context) -> dict:
         """The keyword arguments that route `context` to every conditional part of the bijector."""
@@ -258,117 +168,24 @@ class FlowModel(tf_keras.Model):
     def _bijector_call(self, method, x, context):
         return method(x, **routing.bijector_kwargs(self.bijector, context))
 
-    def _checked_context(self, context, rows: int | None, name: str = "context"):
-        if self._context_shape is None:
-            if context is not None:
-                raise ValueError(
-                    f"`{name}`: this FlowModel is unconditional (no `context_shape`); given a context."
-                )
-            return None
-        if context is None:
-            raise ValueError(
-                f"`{name}`: this FlowModel is conditional (context_shape="
-                f"{list(self._context_shape)}); pass a context of shape [N, {self._context_shape[0]}]."
-            )
-        if isinstance(context, tf.Tensor) and not tf.executing_eagerly():
-            return context
-        array = check_samples(context, self._context_shape, name)
-        if rows is not None and len(array) != rows:
-            raise ValueError(
-                f"`{name}` must have one row per example: expected {rows} rows; given {len(array)}."
-            )
-        return tf.constant(array, self.flow_dtype)
-
     def _log_prob(self, x, context):
         return self._distribution.log_prob(
             x, bijector_kwargs=routing.bijector_kwargs(self.bijector, context))
 
-    def call(self, inputs, training=None):
-        """`log p(x)` for `inputs = x`, or `log p(x | c)` for `inputs = (x, c)`."""
-        if self._context_shape is None:
-            return self._log_prob(inputs, None)
-        x, context = inputs
-        return self._log_prob(x, context)
+    def _forward(self, z, context=None):
+        return self._bijector_call(self.bijector.forward, z, context)
 
-    def log_prob(self, x, context=None):
-        """`log p(x) = log p_base(f⁻¹(x)) + log|det ∂f⁻¹/∂x|` for `x` `[N, *event_shape]`."""
-        if tf.executing_eagerly() and not isinstance(x, tf.Tensor):
-            x = tf.constant(check_samples(x, self._event_shape, "x"), self.flow_dtype)
-        rows = int(x.shape[0]) if x.shape.rank and x.shape[0] is not None else None
-        return self._log_prob(x, self._checked_context(context, rows))
+    def _inverse(self, x, context=None):
+        return self._bijector_call(self.bijector.inverse, x, context)
 
-    def sample(self, n: int, context=None, seed=None):
-        """`n` samples `f(z)`, `z ~ base`: `[n, *event_shape]`.
-
-        Conditional: a context `[k]` gives `[n, *event_shape]`, a batch `[m, k]` gives
-        `[n, m, *event_shape]`.
-        """
-        n = check_positive_integer("n", n)
-        if self._context_shape is None:
-            self._checked_context(context, None)
-            return self._distribution.sample(n, seed=seed)
-        single = context is not None and np.ndim(context) == 1
-        context = self._checked_context(
-            np.reshape(context, (1, -1)) if single else context, None)
-        m = int(context.shape[0])
-        z = self.base_distribution.sample(n * m, seed=seed)
-        x = self._bijector_call(self.bijector.forward, z, tf.tile(context, [n, 1]))
-        x = tf.reshape(x, [n, m, *self._event_shape])
-        return x[:, 0] if single else x
-
-    def export(self, path: str) -> str:
-        """Write a SavedModel with `log_prob`, `sample`, `forward`, `inverse` for plain TensorFlow.
-
-        Conditional models' functions take the context too (see `export_functions`).
-        """
-        def forward(z, context=None):
-            return self._bijector_call(self.bijector.forward, z, context)
-
-        def inverse(x, context=None):
-            return self._bijector_call(self.bijector.inverse, x, context)
-
-        def sample(n, context=None):
-            if context is None:
-                return self._distribution.sample(n)
-            m = tf.shape(context)[0]
-            z = self.base_distribution.sample(n * m)
-            x = forward(z, tf.tile(context, [n, 1]))
-            return tf.reshape(x, tf.concat([[n, m], list(self._event_shape)], axis=0))
-
-        return export_functions(
-            path, self._distribution.variables, self._event_shape, self.flow_dtype,
-            self._log_prob if self._context_shape else (lambda x: self._log_prob(x, None)),
-            sample, forward, inverse, self._context_shape,
-        )
+    def _export_variables(self) -> list:
+        return list(self._distribution.variables)
 
     # --- training ------------------------------------------------------------------------
 
     @property
     def metrics(self):
         return list(self._tracked_metrics)
-
-    def _record(self, nll):
-        loss, mean_nll, bits_per_dim = self._tracked_metrics
-        loss.update_state(nll)
-        mean_nll.update_state(nll)
-        bits_per_dim.update_state(nll / (self._event_size * math.log(2.0)))
-        return {m.name: m.result() for m in self._tracked_metrics}
-
-    def _unpack(self, data):
-        if self._context_shape is None:
-            if isinstance(data, (tuple, list)):
-                if len(data) != 1:
-                    raise ValueError(
-                        "FlowModel trains on data only: give `x`, not `(x, y)` pairs (a "
-                        "conditional model takes `context_shape` and `fit(x, context=c)`)."
-                    )
-                data = data[0]
-            return data, None
-        if not isinstance(data, (tuple, list)) or len(data) != 2:
-            raise ValueError(
-                "A conditional FlowModel trains on `(x, context)` pairs; given a single tensor."
-            )
-        return data[0], data[1]
 
     def train_step(self, data):
         x, context = self._unpack(data)
@@ -410,10 +227,6 @@ class FlowModel(tf_keras.Model):
                 return tf.constant(True)
 
         tf.cond(finite, apply, lambda: tf.constant(False))
-
-    def test_step(self, data):
-        x, context = self._unpack(data)
-        return self._record(-tf.reduce_mean(self._log_prob(x, context)))
 
     def compile(
         self,
@@ -521,51 +334,6 @@ class FlowModel(tf_keras.Model):
                 "bijector tf.Variables (see tfp_flows.flows)."
             )
 
-    def _dataset_checked(self, data: tf.data.Dataset, name: str) -> tf.data.Dataset:
-        spec = data.element_spec
-        event = "[batch, " + ", ".join(map(str, self._event_shape)) + "]"
-        if self._context_shape is None:
-            ok = isinstance(spec, tf.TensorSpec) and spec.shape[1:].is_compatible_with(
-                self._event_shape)
-            expected = f"single tensors of shape {event}"
-        else:
-            ok = (isinstance(spec, tuple) and len(spec) == 2
-                  and all(isinstance(s, tf.TensorSpec) for s in spec)
-                  and spec[0].shape[1:].is_compatible_with(self._event_shape)
-                  and spec[1].shape[1:].is_compatible_with(self._context_shape))
-            expected = f"(x, context) pairs of shapes {event}, [batch, {self._context_shape[0]}]"
-        if not ok:
-            raise ValueError(f"`{name}`: a dataset must yield {expected}; given elements {spec}.")
-        dtypes = [s.dtype for s in tf.nest.flatten(spec)]
-        if any(d != self.flow_dtype for d in dtypes):
-            raise TypeError(
-                f"`{name}`: a dataset must yield {self.flow_dtype.name} tensors (the flow's "
-                f"dtype); given {', '.join(d.name for d in dtypes)}."
-            )
-        message = f"`{name}`: the dataset holds NaN or inf values."
-        return data.map(lambda *t: tuple(tf.debugging.assert_all_finite(a, message) for a in t)
-                        if len(t) > 1 else tf.debugging.assert_all_finite(t[0], message))
-
-    def _batched(self, arrays: tuple, batch_size: int, shuffle: bool) -> tf.data.Dataset:
-        """Batches of equal size (the remainder is dropped when shuffling), so that
-        XLA compiles the step for one shape only; tensors, not arrays, so that
-        Keras does not cast float64 data to float32."""
-        tensors = tuple(tf.constant(a, self.flow_dtype) for a in arrays)
-        data = tf.data.Dataset.from_tensor_slices(tensors if len(tensors) > 1 else tensors[0])
-        rows = len(arrays[0])
-        if shuffle:
-            data = data.shuffle(rows, reshuffle_each_iteration=True)
-        drop = shuffle and rows >= batch_size
-        return data.batch(batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
-
-    def _arrays(self, x, context, name: str, context_name: str) -> tuple:
-        array = check_samples(x, self._event_shape, name)
-        if self._context_shape is None:
-            self._checked_context(context, None, context_name)
-            return (array,)
-        self._checked_context(context, len(array), context_name)
-        return array, check_samples(context, self._context_shape, context_name)
-
     def fit(
         self,
         x=None,
@@ -590,89 +358,23 @@ class FlowModel(tf_keras.Model):
         ActNorm) run on the first training batch. Other keyword arguments go to
         `tf_keras.Model.fit`.
         """
-        if x is None:
-            raise ValueError("`x`: FlowModel.fit needs data of shape [N, *event_shape].")
-        if "y" in kwargs:
-            raise ValueError("`y`: FlowModel trains on data only; do not pass `y`.")
-        epochs = check_positive_integer("epochs", epochs)
-        if batch_size is not None:
-            batch_size = check_positive_integer("batch_size", batch_size)
-        validation_split = check_fraction("validation_split", validation_split)
-        if patience is not None:
-            patience = check_integer("patience", patience, minimum=0)
-        callbacks = list(callbacks or [])
-        for callback in callbacks:
-            _refuse_keras3(callback, "callbacks", "callbacks")
-        shuffle = kwargs.pop("shuffle", True)
-        if not isinstance(shuffle, bool):
-            raise TypeError(f"`shuffle` must be True or False; given {shuffle!r}.")
+        return self._fit(x, epochs, batch_size, validation_split, validation_data, patience,
+                         callbacks, context, kwargs)
 
-        steps = None
-        if isinstance(x, tf.data.Dataset):
-            if validation_split:
-                raise ValueError(
-                    "`validation_split` needs array data; with a dataset give validation_data.")
-            if context is not None:
-                raise ValueError("`context`: with a dataset, give (x, context) pairs in it.")
-            train = self._dataset_checked(x, "x")
-        else:
-            arrays = self._arrays(x, context, "x", "context")
-            if validation_split:
-                held_out = int(len(arrays[0]) * validation_split)
-                if not 0 < held_out < len(arrays[0]) or validation_data is not None:
-                    raise ValueError(
-                        "`validation_split` must hold out between 1 and N - 1 rows and cannot be "
-                        f"combined with validation_data; given {validation_split} of "
-                        f"{len(arrays[0])} rows."
-                    )
-                validation_data = tuple(a[-held_out:] for a in arrays)
-                arrays = tuple(a[:-held_out] for a in arrays)
-            batch_size = batch_size or 32
-            train = self._batched(arrays, batch_size, shuffle)
-            rows = len(arrays[0])
-            steps = rows // batch_size if shuffle and rows >= batch_size else math.ceil(rows / batch_size)
-        if isinstance(validation_data, tf.data.Dataset):
-            validation_data = self._dataset_checked(validation_data, "validation_data")
-        elif validation_data is not None:
-            if self._context_shape is None:
-                if isinstance(validation_data, tuple) and len(validation_data) == 1:
-                    validation_data = validation_data[0]
-                if isinstance(validation_data, tuple):
-                    raise ValueError(
-                        "`validation_data`: an unconditional FlowModel takes an array, not pairs.")
-                held = self._arrays(validation_data, None, "validation_data", "validation context")
-            else:
-                if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                    raise ValueError(
-                        "`validation_data`: a conditional FlowModel takes (x_val, c_val).")
-                held = self._arrays(validation_data[0], validation_data[1], "validation_data[0]",
-                                    "validation_data[1]")
-            validation_data = self._batched(held, min(len(held[0]), 8192), shuffle=False)
+    def _refuse_callback(self, callback) -> None:
+        _refuse_keras3(callback, "callbacks", "callbacks")
 
+    def _prepare_fit(self, train: tf.data.Dataset, steps: int) -> None:
+        """Compile if needed, check the trainable variables, run the flows' data-dependent
+        initialisations on the first training batch, build the optimizer."""
         if not self._is_compiled:
             self.compile()
         self._check_trainable()
-        self._initialize_from(train)
+        if routing.needs_initialization(self.bijector):
+            routing.initialize(self.bijector, *self._first_batch(train))
         self._build_optimizer()
         if self._auto_steps:
-            self._steps_per_execution.assign(max(1, min(steps or 1, 1000)))
-
-        early_stopping = None
-        if patience is not None:
-            monitor = "loss" if validation_data is None else "val_loss"
-            early_stopping = tf_keras.callbacks.EarlyStopping(
-                monitor=monitor, patience=patience, mode="min", restore_best_weights=True)
-            callbacks.append(early_stopping)
-        callbacks.append(_NonFiniteAndDivergence(early_stopping))
-        return super().fit(train, epochs=epochs, validation_data=validation_data,
-                           callbacks=callbacks, shuffle=False, **kwargs)
-
-    def _initialize_from(self, train: tf.data.Dataset) -> None:
-        """Run the flows' data-dependent initialisations on the first training batch."""
-        if not routing.needs_initialization(self.bijector):
-            return
-        x, context = self._unpack(next(iter(train)))
-        routing.initialize(self.bijector, x, context)
+            self._steps_per_execution.assign(steps)
 
     def _build_optimizer(self) -> None:
         """Create the optimizer's slots now, so a skipped step creates nothing in a branch;
