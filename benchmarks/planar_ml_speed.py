@@ -3,11 +3,12 @@
     python benchmarks/planar_ml_speed.py [--steps 40] [--out benchmarks/results/planar_ml_speed.md]
 
 A 32-layer planar flow (D = 2, batch 512, Adam, `tf.function(jit_compile=True)`,
-`tfd.TransformedDistribution(standard normal, tfb.Chain of 32 Planar)`) trained on
-8gaussians by NLL; `log_prob` runs each layer's inverse (the Newton solve). The old
-class is read from git at run time (`git show 4e1da99:tfp_flows/bijectors/planar.py`)
-into a temporary directory and imported from there; both flows start from the same
-parameters. Steps are timed interleaved (old, new, old, ...) after warm-up; medians
+`tfd.TransformedDistribution(standard normal, flow)`) trained on 8gaussians by NLL;
+`log_prob` runs each layer's inverse (the Newton solve). Three flows: a `tfb.Chain`
+of 32 old `Planar` (read from git at run time, `git show 4e1da99:...planar.py`, into
+a temporary directory and imported from there), a Chain of 32 current `Planar`, and
+the `PlanarStack` that `flows.planar_flow` builds (one loop over the layers); all
+start from the same parameters. Steps are timed interleaved (old, new, old, ...) after warm-up; medians
 over `--steps` steps each. The first call (trace + XLA compile) is timed too.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import tensorflow_probability as tfp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nll_step import nll_adam_step  # noqa: E402
-from tfp_flows.bijectors import Planar  # noqa: E402
+from tfp_flows.bijectors import Planar, PlanarStack  # noqa: E402
 from tfp_flows.datasets import toy  # noqa: E402
 
 tfb, tfd = tfp.bijectors, tfp.distributions
@@ -54,15 +55,19 @@ def old_planar_class():
 
 
 def build(planar_class, num_layers: int, seed: int):
+    """The flow with these parameters: a `tfb.Chain` of `planar_class` layers, or one `PlanarStack`."""
     rng = np.random.default_rng(seed)
-    variables, layers = [], []
+    u, w, b = [], [], []
     for _ in range(num_layers):
-        u = tf.Variable(0.5 * rng.standard_normal(2).astype(np.float32))
-        w = tf.Variable(rng.standard_normal(2).astype(np.float32))
-        b = tf.Variable(np.float32(0.1 * rng.standard_normal()))
-        variables += [u, w, b]
-        layers.append(planar_class(u, w, b))
+        u.append(0.5 * rng.standard_normal(2).astype(np.float32))
+        w.append(rng.standard_normal(2).astype(np.float32))
+        b.append(np.float32(0.1 * rng.standard_normal()))
     base = tfd.MultivariateNormalDiag(loc=tf.zeros(2))
+    if planar_class is PlanarStack:
+        variables = [tf.Variable(np.stack(values)) for values in (u, w, b)]
+        return tfd.TransformedDistribution(base, PlanarStack(*variables)), variables
+    variables = [tf.Variable(value) for layer in zip(u, w, b) for value in layer]
+    layers = [planar_class(*variables[3 * k:3 * k + 3]) for k in range(num_layers)]
     return tfd.TransformedDistribution(base, tfb.Chain(layers)), variables
 
 
@@ -76,7 +81,8 @@ def main() -> None:
 
     data = toy("8gaussians", 64 * args.batch, seed=0).astype(np.float32)
     batches = [tf.constant(data[i * args.batch:(i + 1) * args.batch]) for i in range(64)]
-    variants = {"old (4e1da99)": old_planar_class(), "new": Planar}
+    variants = {"old (4e1da99), Chain of Planar": old_planar_class(), "new, Chain of Planar": Planar,
+                "new, PlanarStack (flows.planar_flow)": PlanarStack}
     steps, first_call, losses = {}, {}, {}
     for name, cls in variants.items():
         distribution, variables = build(cls, args.layers, seed=0)
@@ -95,7 +101,7 @@ def main() -> None:
             losses[name].append(float(steps[name](x)))  # float() waits for the result
             times[name].append(time.perf_counter() - start)
     medians = {name: 1e3 * float(np.median(t)) for name, t in times.items()}
-    old = "old (4e1da99)"
+    old = next(iter(variants))
     machine = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), " + (
         "GPU: " + ", ".join(d.name for d in tf.config.list_physical_devices("GPU"))
         if tf.config.list_physical_devices("GPU") else "no GPU"

@@ -1,4 +1,4 @@
-"""Planar and Radial: round trips, log-dets against autodiff, gradients, XLA, bad input."""
+"""Planar and Radial (single and stacked): round trips, log-dets against autodiff, gradients, XLA, bad input."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -6,7 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flow_checks import autodiff_log_det, fresh
-from tfp_flows.bijectors import Planar, Radial
+import tensorflow_probability as tfp
+
+from tfp_flows.bijectors import Planar, PlanarStack, Radial, RadialStack
 
 TOLERANCE = {np.float64: 1e-6, np.float32: 1e-4}
 
@@ -388,3 +390,83 @@ def test_radial_log_dets_agree_near_the_centre_as_beta_tends_to_minus_alpha(dtyp
         ildj = bijector.inverse_log_det_jacobian(fresh(x), 1).numpy()
         assert np.all(np.abs(fldj.numpy() + ildj) <= 1e3 * EPS[dtype] * (1 + np.abs(ildj)))
         np.testing.assert_allclose(bijector.inverse(fresh(x)).numpy(), z, rtol=1e3 * EPS[dtype], atol=0)
+
+
+# --- PlanarStack / RadialStack: one loop over the layers, equal to a Chain of the layers -----
+
+def stacked_parameters(rng, kind, batch, layers, dim, dtype):
+    """Stacked parameters `[*batch, layers, ...]` of a Planar or Radial stack."""
+    if kind == "planar":
+        return ((0.7 * rng.standard_normal(batch + (layers, dim))).astype(dtype),
+                rng.standard_normal(batch + (layers, dim)).astype(dtype),
+                rng.standard_normal(batch + (layers,)).astype(dtype))
+    alpha = rng.uniform(0.1, 2.0, batch + (layers,))
+    return (rng.standard_normal(batch + (layers, dim)).astype(dtype), alpha.astype(dtype),
+            (-alpha + rng.exponential(size=batch + (layers,))).astype(dtype))
+
+
+def stack_and_chain(kind, parameters, layers):
+    stack_class, layer_class, ranks = ((PlanarStack, Planar, (1, 1, 0)) if kind == "planar"
+                                       else (RadialStack, Radial, (1, 0, 0)))
+    chain = tfp.bijectors.Chain([
+        layer_class(*(p[..., k, :] if rank else p[..., k] for p, rank in zip(parameters, ranks)))
+        for k in range(layers)])
+    return stack_class(*parameters), chain
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["planar", "radial"])
+@pytest.mark.parametrize("batch", [(), (4,)])
+def test_stack_equals_the_chain_of_its_layers(kind, batch, dtype):
+    rng = np.random.default_rng(11)
+    layers = 5
+    stack, chain = stack_and_chain(kind, stacked_parameters(rng, kind, batch, layers, 3, dtype), layers)
+    z = rng.standard_normal((4, 3)).astype(dtype)  # one point per batch member, or a batch of 4
+    tolerance = TOLERANCE[dtype]
+    x = stack.forward(z).numpy()
+    np.testing.assert_allclose(x, chain.forward(z).numpy(), rtol=tolerance, atol=tolerance)
+    for method, point in (("forward_log_det_jacobian", z), ("inverse_log_det_jacobian", x)):
+        np.testing.assert_allclose(getattr(stack, method)(fresh(point), 1).numpy(),
+                                   getattr(chain, method)(fresh(point), 1).numpy(),
+                                   rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(stack.inverse(fresh(x)).numpy(), z, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(stack.forward_log_det_jacobian(fresh(z), 1).numpy(),
+                               autodiff_log_det(stack, tf.constant(z)), rtol=tolerance, atol=tolerance)
+    assert stack.num_layers == layers
+    assert stack.experimental_batch_shape().as_list() == list(batch)
+
+
+@pytest.mark.parametrize("kind", ["planar", "radial"])
+def test_stack_log_prob_gradient_under_xla_equals_the_chains(kind):
+    rng = np.random.default_rng(12)
+    layers = 6
+    parameters = [tf.Variable(v) for v in stacked_parameters(rng, kind, (), layers, 2, np.float64)]
+    x = tf.constant(rng.standard_normal((64, 2)))
+    base = tfp.distributions.MultivariateNormalDiag(tf.zeros(2, tf.float64))
+
+    def loss_and_gradients(which):
+        with tf.GradientTape() as tape:  # the chain slices the variables: build it under the tape
+            bijector = stack_and_chain(kind, parameters, layers)[which]
+            loss = -tf.reduce_mean(tfp.distributions.TransformedDistribution(base, bijector).log_prob(x))
+        return loss, tape.gradient(loss, parameters)
+
+    compiled = tf.function(lambda: loss_and_gradients(0), jit_compile=True)()
+    reference = loss_and_gradients(1)
+    for a, b in zip(tf.nest.flatten(compiled), tf.nest.flatten(reference)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-9)
+
+
+def test_stacks_reject_inconsistent_layer_axes_and_keep_the_layers_checks():
+    with pytest.raises(ValueError, match="same number of layers"):
+        PlanarStack(np.zeros((3, 2)), np.ones((4, 2)), np.zeros(3))
+    with pytest.raises(ValueError, match="`b` needs a static layer axis"):
+        PlanarStack(np.zeros((3, 2)), np.ones((3, 2)), 0.0)
+    with pytest.raises(ValueError, match="u with 3 and w with 2"):
+        PlanarStack(np.zeros((2, 3)), np.ones((2, 2)), np.zeros(2))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="`w` must be finite"):
+        PlanarStack(np.zeros((2, 2)), np.array([[np.nan, 1.0], [1.0, 1.0]]), np.zeros(2),
+                    validate_args=True)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="beta >= -alpha"):
+        RadialStack(np.zeros((2, 2)), np.ones(2), np.array([0.0, -2.0]), validate_args=True)
+    with pytest.raises(ValueError, match=r"`x` must have shape \[\.\.\., 2\]"):
+        PlanarStack(np.zeros((2, 2)), np.ones((2, 2)), np.zeros(2)).inverse(tf.zeros([3, 5], tf.float64))

@@ -26,3 +26,23 @@ def check_event_size(x, expected: int | None, name: str, owner: str) -> None:
         raise ValueError(
             f"{owner}: `{name}` must have shape [..., {expected}]; given shape {shape.as_list()}."
         )
+
+
+def static_num_layers(stacked: dict, owner: str) -> int:
+    """The static, common size `L` of the layer axis of stacked parameters.
+
+    `stacked` maps each name to `(tensor, rank of one layer's parameter)`; the layer
+    axis is the one just left of those axes.
+    """
+    sizes = {}
+    for name, (tensor, rank) in stacked.items():
+        shape = tf.TensorShape(tensor.shape)
+        if shape.rank is None or shape.rank < rank + 1 or shape[-(rank + 1)] is None:
+            raise ValueError(
+                f"{owner}: parameter `{name}` needs a static layer axis at position {-(rank + 1)}; "
+                f"given shape {shape}."
+            )
+        sizes[name] = int(shape[-(rank + 1)])
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"{owner}: the parameters must have the same number of layers; given {sizes}.")
+    return next(iter(sizes.values()))

@@ -12,9 +12,10 @@ from tensorflow_probability.python.internal import (
     tensor_util,
 )
 
-from tfp_flows.bijectors._shapes import check_event_size, static_event_size
+from tfp_flows.bijectors._shapes import check_event_size, static_event_size, static_num_layers
+from tfp_flows.bijectors.stack import LayerStack
 
-__all__ = ["Planar", "solve_projection"]
+__all__ = ["Planar", "PlanarStack", "solve_projection"]
 
 
 class Planar(bijector.AutoCompositeTensorBijector):
@@ -197,6 +198,78 @@ class Planar(bijector.AutoCompositeTensorBijector):
         return assertions
 
 
+class PlanarStack(LayerStack):
+    """`L` Planar layers, `tfb.Chain([Planar(u[..., k, :], w[..., k, :], b[..., k]) for k in range(L)])`.
+
+    The same map and log-det as that Chain (layer `L − 1` applied first in
+    `forward`), computed by one loop over the layer axis: `u`, `w` of shape
+    `[..., L, D]`, `b` of shape `[..., L]`, `L` static. See `Planar` for each
+    layer's formula, inverse and log-det.
+    """
+
+    def __init__(
+        self,
+        u,
+        w,
+        b,
+        inverse_iterations: int = 50,
+        validate_args: bool = False,
+        name: str = "planar_stack",
+    ):
+        parameters = dict(locals())
+        with tf.name_scope(name) as name:
+            # The whole stack is a valid Planar whose batch holds the layer axis:
+            # it converts and checks the parameters once.
+            self._stack = Planar(u, w, b, inverse_iterations, validate_args=validate_args)
+            self._num_layers = static_num_layers(
+                {"u": (self._stack.u, 1), "w": (self._stack.w, 1), "b": (self._stack.b, 0)}, name
+            )
+            super().__init__(
+                forward_min_event_ndims=1,
+                validate_args=validate_args,
+                dtype=self._stack.dtype,
+                parameters=parameters,
+                name=name,
+            )
+
+    @classmethod
+    def _parameter_properties(cls, dtype, num_classes=None):
+        return dict(
+            u=parameter_properties.ParameterProperties(event_ndims=2),
+            w=parameter_properties.ParameterProperties(event_ndims=2),
+            b=parameter_properties.ParameterProperties(event_ndims=1),
+        )
+
+    @property
+    def u(self):
+        return self._stack.u
+
+    @property
+    def w(self):
+        return self._stack.w
+
+    @property
+    def b(self):
+        return self._stack.b
+
+    def _stacked_parameters(self) -> dict:
+        return {"u": (self.u, 1), "w": (self.w, 1), "b": (self.b, 0)}
+
+    def _layer(self, parameters: dict) -> Planar:
+        return Planar(**parameters, inverse_iterations=self._stack._inverse_iterations)
+
+    def _layer_forward(self, parameters: dict, z):
+        x, extra = self._layer(parameters)._augmented_forward(z)
+        return x, -extra["ildj"]
+
+    def _layer_inverse(self, parameters: dict, x):
+        z, extra = self._layer(parameters)._augmented_inverse(x)
+        return z, extra["ildj"]
+
+    def _parameter_control_dependencies(self, is_init):
+        return self._stack._parameter_control_dependencies(is_init)
+
+
 def _tiny(dtype) -> float:
     return float(np.finfo(dtype_util.as_numpy_dtype(dtype)).tiny)
 
@@ -261,20 +334,44 @@ def _starting_point(s, c, p):
     return tf.where(s < 0.0, -tau, tau)
 
 
+# Plain Newton steps taken before the safeguarded loop is entered. From the lower
+# bound of `_starting_point`, after 4 steps every entry has converged in about 98 %
+# of the layers' calls (float32, random layers on 8gaussians; 6 or 8 steps do no
+# better, 2 steps 33 %); the others continue in the loop. A fixed count compiles
+# into fused kernels instead of a loop's iterations.
+_UNROLLED_NEWTON_STEPS = 4
+
+
 def solve_projection(s, c, p, max_iterations: int) -> tf.Tensor:
     """Root `t` of `t + c · tanh t = s` (`p = 1 + c > 0`), elementwise.
 
-    Newton from `_starting_point`, safeguarded by bisection of the bracket
-    `[s − |c|, s + |c|]`: a Newton step is taken when it stays strictly inside the
-    current bracket and is at most 3/4 of the previous step, else the bracket is
-    halved.
-    Stops when no entry moves by more than 4 ulps of `1 + |t|`, after
-    `max_iterations` steps at most (a static bound, so it compiles with XLA).
+    Newton from `_starting_point`: first `_UNROLLED_NEWTON_STEPS` plain steps,
+    clipped to the bracket `[s − |c|, s + |c|]` that holds the root; if any entry
+    has not converged then, Newton safeguarded by bisection continues from there: a
+    Newton step is taken when it stays strictly inside the current bracket and is at
+    most 3/4 of the previous step, else the bracket is halved. Converged means that
+    no entry moves by more than 4 ulps of `1 + |t|`; the safeguarded loop stops
+    there or after `max_iterations` steps (a static bound, so it compiles with XLA).
     """
     s, c, p = tf.stop_gradient(s), tf.stop_gradient(c), tf.stop_gradient(p)
     tolerance = 4.0 * dtype_util.eps(s.dtype)
     lower, upper = s - tf.abs(c), s + tf.abs(c)
     t = tf.clip_by_value(_starting_point(s, c, p), lower, upper)
+    for _ in range(_UNROLLED_NEWTON_STEPS):
+        h = tf.tanh(t)
+        t = tf.clip_by_value(t - _residual(t, h, s, p) / _slope(t, h, p), lower, upper)
+    h = tf.tanh(t)
+    newton_step = _residual(t, h, s, p) / _slope(t, h, p)
+    converged = tf.reduce_all(tf.abs(newton_step) <= tolerance * (1.0 + tf.abs(t)))
+    return tf.cond(
+        converged,
+        lambda: t - newton_step,
+        lambda: _safeguarded_newton(t, s, p, lower, upper, tolerance, max_iterations),
+    )
+
+
+def _safeguarded_newton(t, s, p, lower, upper, tolerance, max_iterations: int) -> tf.Tensor:
+    """Newton safeguarded by bisection of `[lower, upper]`, from `t` inside it."""
 
     def step(t, lower, upper, previous_step, _):
         h = tf.tanh(t)

@@ -1,4 +1,4 @@
-"""Planar and radial flows: stacks of `Planar` / `Radial` layers, optionally conditional.
+"""Planar and radial flows: `PlanarStack` / `RadialStack` (one loop over the layers), optionally conditional.
 
 Unconditional: the layers' parameters are the flow's parameters. Conditional
 (`context_size=k`): an MLP maps the context to every layer's parameters, its last
@@ -12,9 +12,8 @@ from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_probability as tfp
 
-from tfp_flows.bijectors import Planar, Radial
+from tfp_flows.bijectors import PlanarStack, RadialStack
 from tfp_flows.checks import check_int_sequence, check_positive_integer
 from tfp_flows.definitions.core import (
     Definition,
@@ -26,8 +25,6 @@ from tfp_flows.definitions.core import (
     softplus_inverse_one,
 )
 from tfp_flows.networks import MLP
-
-tfb = tfp.bijectors
 
 __all__ = ["planar_flow", "radial_flow"]
 
@@ -91,11 +88,7 @@ def planar_flow(
 
     def build(values, context, found):
         p = _layer_values(values, shapes, num_layers, network, context)
-        layers = [
-            Planar(p["u"][..., k, :], p["w"][..., k, :], p["b"][..., k], name=f"planar_{k}")
-            for k in range(num_layers)
-        ]
-        return tfb.Chain(layers, name="planar_flow")
+        return PlanarStack(p["u"], p["w"], p["b"], name="planar_flow")
 
     return Definition(
         "planar_flow",
@@ -135,11 +128,7 @@ def radial_flow(
         p = _layer_values(values, shapes, num_layers, network, context)
         alpha = tf.math.softplus(p["alpha_raw"])
         beta = tf.math.softplus(p["beta_raw"]) - alpha
-        layers = [
-            Radial(p["center"][..., k, :], alpha[..., k], beta[..., k], name=f"radial_{k}")
-            for k in range(num_layers)
-        ]
-        return tfb.Chain(layers, name="radial_flow")
+        return RadialStack(p["center"], alpha, beta, name="radial_flow")
 
     return Definition(
         "radial_flow",
