@@ -6,6 +6,7 @@ steps change nothing, tf_keras objects are refused with the right import named.
 """
 import csv
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -137,7 +138,7 @@ def test_glow_on_the_digits_initialises_actnorm_and_lowers_the_nll():
     logit = tfb.Chain([tfb.Invert(tfb.Sigmoid()), tfb.Shift(0.05), tfb.Scale(0.9)])
     glow = flows.glow([8, 8, 1], levels=1, steps_per_level=2, hidden_channels=8, seed=0)
     model = FlowModel(Chain([logit, glow]), [8, 8, 1])
-    model.compile(learning_rate=1e-3)
+    model.compile(learning_rate=1e-3, jit_compile=False)  # XLA: the `trained` fixture
     before = -float(np.mean(model.log_prob(x[:256]).numpy()))
     history = model.fit(x, epochs=2, batch_size=64, verbose=0).history
     after = -float(np.mean(model.log_prob(x[:256]).numpy()))
@@ -348,42 +349,89 @@ def test_learning_rate_schedule_and_other_optimizers(eight_gaussians):
     assert int(sgd.optimizer.iterations.numpy()) == 8
 
 
-def test_save_load_summary_and_export_reload_in_fresh_processes(trained, eight_gaussians,
-                                                                 tmp_path):
+@pytest.fixture(scope="module")
+def saved(trained, eight_gaussians, tmp_path_factory) -> dict:
+    """`trained` saved as `.keras` and exported, with the points and log-densities to check."""
+    folder = tmp_path_factory.mktemp("saved")
     x = eight_gaussians[:64]
-    expected = trained.log_prob(x).numpy()
-    trained.save(tmp_path / "m.keras")
-    loaded = keras.models.load_model(tmp_path / "m.keras")
+    paths = {name: str(folder / name) for name in ("m.keras", "saved", "x.npy", "expected.npy",
+                                                    "reloaded.npy")}
+    np.save(paths["x.npy"], x)
+    np.save(paths["expected.npy"], trained.log_prob(x).numpy())
+    trained.save(paths["m.keras"])
+    trained.export(paths["saved"])
+    return paths
+
+
+def test_save_load_and_summary(trained, saved):
+    x, expected = np.load(saved["x.npy"]), np.load(saved["expected.npy"])
+    loaded = keras.models.load_model(saved["m.keras"])
     np.testing.assert_array_equal(loaded.log_prob(x).numpy(), expected)
     assert isinstance(loaded.optimizer, keras.optimizers.Adam)
     assert int(loaded.optimizer.iterations.numpy()) == int(trained.optimizer.iterations.numpy())
-    for saved, restored in zip(trained.optimizer.variables, loaded.optimizer.variables):
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(saved),
+    for saved_variable, restored in zip(trained.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(saved_variable),
                                       keras.ops.convert_to_numpy(restored))
     lines = []
     trained.summary(print_fn=lambda line, **kw: lines.append(line))
     text = "\n".join(lines)
     assert "chain (Chain)" in text
     assert f"{trained.count_params():,}" in text
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "expected.npy", expected)
-    trained.export(str(tmp_path / "saved"))
-    # One fresh process: plain TensorFlow loads the export with neither TFP nor tfp_flows
-    # imported; then tfp_flows.keras3 is imported and the .keras file reloads bitwise.
-    run_python(f"""
-        import sys, numpy as np, tensorflow as tf
-        loaded = tf.saved_model.load({str(tmp_path / 'saved')!r})
-        x, expected = np.load({str(tmp_path / 'x.npy')!r}), np.load({str(tmp_path / 'expected.npy')!r})
-        np.testing.assert_allclose(loaded.log_prob(x).numpy(), expected, rtol=1e-5, atol=1e-5)
-        z = loaded.inverse(x)
-        np.testing.assert_allclose(loaded.forward(z).numpy(), x, atol=1e-4)
-        assert loaded.sample(tf.constant(7)).shape == (7, 2)
-        assert not [m for m in sys.modules if m.startswith(("tensorflow_probability", "tfp_flows"))]
+
+
+@pytest.fixture(scope="module")
+def fresh_process(saved) -> dict:
+    """One fresh process (two logical CPUs, set before TensorFlow starts) for what must
+    run outside this one. First plain TensorFlow loads the export, with neither TFP nor
+    tfp_flows imported; then tfp_flows.keras3 is imported and the `.keras` file reloads
+    (its log-densities written to `reloaded.npy`); last, the same model is trained on
+    two replicas of a MirroredStrategy and on one device."""
+    return json.loads(run_python(f"""
+        import json, sys
+        import numpy as np, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        out = {{}}
+        loaded = tf.saved_model.load({saved["saved"]!r})
+        x = np.load({saved["x.npy"]!r})
+        out["export_log_prob"] = loaded.log_prob(x).numpy().tolist()
+        out["round_trip"] = loaded.forward(loaded.inverse(x)).numpy().tolist()
+        out["sample_shape"] = list(loaded.sample(tf.constant(7)).shape)
+        out["imported"] = [m for m in sys.modules
+                           if m.startswith(("tensorflow_probability", "tfp_flows"))]
         import keras
         import tfp_flows.keras3
-        model = keras.models.load_model({str(tmp_path / 'm.keras')!r})
-        np.testing.assert_array_equal(model.log_prob(x).numpy(), expected)
-    """)
+        np.save({saved["reloaded.npy"]!r},
+                keras.models.load_model({saved["m.keras"]!r}).log_prob(x).numpy())
+
+        from tfp_flows.keras3 import FlowModel, flows
+        from tfp_flows.datasets import toy
+        x = toy("8gaussians", 512, seed=0)
+
+        def run(strategy):
+            with strategy.scope():
+                model = FlowModel(flows.realnvp(2, 2, hidden_units=[8], seed=0), [2])
+                model.compile(learning_rate=1e-2, jit_compile=False)
+            history = model.fit(x, epochs=2, batch_size=128, shuffle=False, verbose=0).history
+            return history["loss"], model.log_prob(x).numpy().tolist(), model
+
+        mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        loss2, lp2, model2 = run(mirrored)
+        loss1, lp1, _ = run(tf.distribute.get_strategy())
+        out["mirrored"] = {{"replicas": model2.distribute_strategy.num_replicas_in_sync,
+                           "iterations": int(model2.optimizer.iterations.numpy()),
+                           "loss2": loss2, "loss1": loss1, "lp2": lp2, "lp1": lp1}}
+        print(json.dumps(out))
+    """).strip().splitlines()[-1])
+
+
+def test_export_and_keras_file_reload_in_a_fresh_process(saved, fresh_process):
+    x, expected = np.load(saved["x.npy"]), np.load(saved["expected.npy"])
+    assert fresh_process["imported"] == []
+    np.testing.assert_allclose(fresh_process["export_log_prob"], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fresh_process["round_trip"], x, atol=1e-4)
+    assert fresh_process["sample_shape"] == [7, 2]
+    np.testing.assert_array_equal(np.load(saved["reloaded.npy"]), expected)
 
 
 def test_conditional_export_and_keras_round_trip(conditional_model, tmp_path):
@@ -399,30 +447,9 @@ def test_conditional_export_and_keras_round_trip(conditional_model, tmp_path):
     assert loaded.sample(tf.constant(4), c[:3]).shape == (4, 3, 2)
 
 
-def test_mirrored_strategy_on_two_cpus_matches_one_device():
-    out = run_python("""
-        import numpy as np, tensorflow as tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from tfp_flows.keras3 import FlowModel, flows
-        from tfp_flows.datasets import toy
-        x = toy("8gaussians", 512, seed=0)
-
-        def run(strategy):
-            with strategy.scope():
-                model = FlowModel(flows.realnvp(2, 2, hidden_units=[8], seed=0), [2])
-                model.compile(learning_rate=1e-2, jit_compile=False)
-            history = model.fit(x, epochs=2, batch_size=128, shuffle=False, verbose=0).history
-            return np.array(history["loss"]), model.log_prob(x).numpy(), model
-
-        mirrored, one = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), tf.distribute.get_strategy()
-        loss2, lp2, model2 = run(mirrored)
-        loss1, lp1, _ = run(one)
-        assert model2.distribute_strategy.num_replicas_in_sync == 2
-        assert int(model2.optimizer.iterations.numpy()) == 8
-        np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
-        np.testing.assert_allclose(lp2, lp1, rtol=1e-5, atol=1e-5)
-        assert loss2[-1] < loss2[0]
-        print("ok", loss1, loss2)
-    """)
-    assert out.startswith("ok")
+def test_mirrored_strategy_on_two_cpus_matches_one_device(fresh_process):
+    out = fresh_process["mirrored"]
+    assert out["replicas"] == 2 and out["iterations"] == 8
+    np.testing.assert_allclose(out["loss2"], out["loss1"], rtol=1e-5)
+    np.testing.assert_allclose(out["lp2"], out["lp1"], rtol=1e-5, atol=1e-5)
+    assert out["loss2"][-1] < out["loss2"][0]
