@@ -75,9 +75,12 @@ def log_prob(model: FlowModel, name: str) -> np.ndarray:
 
 
 def one_more_step(model: FlowModel, name: str) -> list:
-    """One further full-batch step on fixed data; the weights after it."""
+    """One further full-batch step on fixed data, in order; the weights after it. A
+    dataset of one batch of static shape [32, ...], as fit's shuffled training batches
+    are, so that a model that has trained reuses its traced step."""
     x, context = data(name, 32, seed=8)
-    model.fit(x, context=context, epochs=1, batch_size=32, shuffle=False, verbose=0)
+    batch = tf.data.Dataset.from_tensor_slices(x if context is None else (x, context))
+    model.fit(batch.batch(32, drop_remainder=True), epochs=1, verbose=0)
     return [w.numpy() for w in model.weights]
 
 
@@ -189,11 +192,14 @@ def test_reloaded_model_continues_training_like_the_original(trained, name, rout
     assert int(model.optimizer.iterations.numpy()) == case.iterations + 1
 
 
-def test_savedmodel_folder_restarts_the_optimizer(trained):
+def test_savedmodel_folder_restarts_the_optimizer_and_its_checkpoint_restores_it(trained):
     """tf_keras's SavedModel folder keeps the weights and the optimizer's class and
     learning rate, but not its state: `iterations` restarts at 0 with fresh slots
-    (tf_keras logs "Slots cannot be restored from saved_model"). Training goes on
-    from the saved weights."""
+    (tf_keras logs "Slots cannot be restored from saved_model"), and training goes on
+    from the saved weights. The folder's variables/ is a TF checkpoint of the model,
+    optimizer included: reading it after load_model gives back the weights, iterations
+    and slots, and the next step is the original's (the README's recipe). One load and
+    one (XLA) compile serve both."""
     case = trained("planar")
     model = load("folder", case)
     assert type(model.optimizer) is tf_keras.optimizers.Adam
@@ -205,16 +211,11 @@ def test_savedmodel_folder_restarts_the_optimizer(trained):
     assert all(np.isfinite(a).all() for a in after)
     assert any(not np.array_equal(a, b) for a, b in zip(after, before))
 
-
-def test_savedmodel_folder_optimizer_state_restored_from_its_checkpoint(trained):
-    """The folder's variables/ is a TF checkpoint of the model, optimizer included:
-    reading it after load_model gives back iterations and slots (the README's recipe)."""
-    case = trained("planar")
-    model = load("folder", case)
     tf.train.Checkpoint(root=model).read(
         os.path.join(case.paths["folder"], "variables", "variables")).expect_partial()
-    model._build_optimizer()
+    np.testing.assert_array_equal(log_prob(model, "planar"), case.log_prob)
     assert int(model.optimizer.iterations.numpy()) == case.iterations
+    assert len(model.optimizer.variables) == len(case.optimizer_values)
     for restored, saved in zip(model.optimizer.variables, case.optimizer_values):
         np.testing.assert_array_equal(restored.numpy(), saved)
     for after, expected in zip(one_more_step(model, "planar"), case.continued):
@@ -232,35 +233,55 @@ def test_reloaded_models_export(trained, tmp_path, name):
                                atol=1e-5)
 
 
-def test_full_model_formats_reload_bitwise_in_a_fresh_process(trained, tmp_path):
-    """One subprocess loads every `.keras` and SavedModel folder of every case."""
+@pytest.fixture(scope="module")
+def fresh_process(trained, tmp_path_factory) -> dict:
+    """One fresh Python process for what must be checked outside this one: it first
+    hashes the variables every builder makes with seed 3 (`_BUILDER_CALLS`), then loads
+    every `.keras` file and SavedModel folder of every case and writes its `log_prob`.
+    Returns the hashes and the jobs (with the paths of their outputs)."""
+    folder = tmp_path_factory.mktemp("fresh_process")
     jobs = []
     for name in CASES:
         case = trained(name)
         x, context = data(name, 16, seed=7)
-        np.save(tmp_path / f"{name}_x.npy", x)
+        np.save(folder / f"{name}_x.npy", x)
         if context is not None:
-            np.save(tmp_path / f"{name}_c.npy", context)
+            np.save(folder / f"{name}_c.npy", context)
         for route in ("keras", "folder"):
             jobs.append({"name": name, "route": route, "path": case.paths[route],
-                         "x": str(tmp_path / f"{name}_x.npy"),
-                         "c": None if context is None else str(tmp_path / f"{name}_c.npy"),
-                         "out": str(tmp_path / f"{name}_{route.replace(' ', '_')}.npy")})
+                         "x": str(folder / f"{name}_x.npy"),
+                         "c": None if context is None else str(folder / f"{name}_c.npy"),
+                         "out": str(folder / f"{name}_{route}.npy")})
     script = textwrap.dedent(f"""
-        import json
+        import hashlib, json
         import numpy as np
         import tf_keras
         import tfp_flows
+        from tfp_flows import flows
+        SEED = 3
+        hashes = {{}}
+        for name, call in json.loads({json.dumps(_BUILDER_CALLS)!r}).items():
+            digest = hashlib.sha256()
+            for v in eval(call).variables:
+                digest.update(v.name.encode()); digest.update(v.numpy().tobytes())
+            hashes[name] = digest.hexdigest()
         for job in json.loads({json.dumps(jobs)!r}):
             model = tf_keras.models.load_model(job["path"])
             assert type(model) is tfp_flows.FlowModel, type(model)
             c = None if job["c"] is None else np.load(job["c"])
             np.save(job["out"], model.log_prob(np.load(job["x"]), context=c).numpy())
+        print(json.dumps(hashes))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert result.returncode == 0, result.stderr[-3000:]
-    for job in jobs:
+    return {"hashes": json.loads(result.stdout.strip().splitlines()[-1]), "jobs": jobs}
+
+
+def test_full_model_formats_reload_bitwise_in_a_fresh_process(trained, fresh_process):
+    """Every `.keras` file and SavedModel folder of every case, loaded in a fresh process."""
+    assert len(fresh_process["jobs"]) == 2 * len(CASES)
+    for job in fresh_process["jobs"]:
         np.testing.assert_array_equal(np.load(job["out"]), trained(job["name"]).log_prob,
                                       err_msg=f"{job['name']} by {job['route']}")
 
@@ -359,26 +380,6 @@ _BUILDER_CALLS = {
 }
 
 
-def _variable_hashes(seed: int) -> dict:
-    script = textwrap.dedent(f"""
-        import hashlib, json
-        from tfp_flows import flows
-        SEED = {seed}
-        calls = json.loads({json.dumps(_BUILDER_CALLS)!r})
-        out = {{}}
-        for name, call in calls.items():
-            digest = hashlib.sha256()
-            for v in eval(call).variables:
-                digest.update(v.name.encode()); digest.update(v.numpy().tobytes())
-            out[name] = digest.hexdigest()
-        print(json.dumps(out))
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def _hash(call: str, seed: int) -> str:
     digest = hashlib.sha256()
     for v in eval(call.replace("SEED", str(seed))).variables:
@@ -387,11 +388,11 @@ def _hash(call: str, seed: int) -> str:
     return digest.hexdigest()
 
 
-def test_equal_seeds_give_bitwise_equal_variables_across_processes():
-    first, second = _variable_hashes(3), _variable_hashes(3)
-    assert set(first) == set(_BUILDER_CALLS)
-    assert first == second
-    # In this process too; a different seed changes every builder's values.
+def test_equal_seeds_give_bitwise_equal_variables_across_processes(fresh_process):
+    """The fresh process's seed-3 variables equal this process's, bitwise, for every
+    builder; a different seed changes every builder's values."""
+    hashes = fresh_process["hashes"]
+    assert set(hashes) == set(_BUILDER_CALLS)
     for name, call in _BUILDER_CALLS.items():
-        assert _hash(call, 3) == first[name], name
-        assert _hash(call, 4) != first[name], name
+        assert _hash(call, 3) == hashes[name], name
+        assert _hash(call, 4) != hashes[name], name
