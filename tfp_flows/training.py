@@ -26,7 +26,6 @@ from tfp_flows.checks import (
 )
 from tfp_flows.export import export_functions
 
-tfb = tfp.bijectors
 tfd = tfp.distributions
 
 __all__ = [
@@ -300,17 +299,23 @@ class FlowTraining:
 
         return data.map(checked)
 
-    def _batched(self, arrays: tuple, batch_size: int, shuffle: bool) -> tf.data.Dataset:
+    def _batched(self, arrays: tuple, batch_size: int, shuffle: bool,
+                 repeat: bool = False) -> tf.data.Dataset:
         """Batches of equal size (the remainder is dropped when shuffling), so that
         XLA compiles the step for one shape only; tensors, not arrays, so that
-        Keras does not cast float64 data to float32."""
+        Keras does not cast float64 data to float32. `repeat`: the epochs one after
+        another in one endless dataset (reshuffled each time), so that `fit` keeps
+        one iterator instead of building one (and refilling the shuffle buffer
+        before the first batch) at every epoch; the next epoch's shuffle then
+        overlaps the current epoch's steps."""
         tensors = tuple(tf.constant(a, self.flow_dtype) for a in arrays)
         data = tf.data.Dataset.from_tensor_slices(tensors if len(tensors) > 1 else tensors[0])
         rows = len(arrays[0])
         if shuffle:
             data = data.shuffle(rows, reshuffle_each_iteration=True)
         drop = shuffle and rows >= batch_size
-        return data.batch(batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
+        data = data.batch(batch_size, drop_remainder=drop)
+        return (data.repeat() if repeat else data).prefetch(tf.data.AUTOTUNE)
 
     def _arrays(self, x, context, name: str, context_name: str) -> tuple:
         array = check_samples(x, self._event_shape, name)
@@ -380,9 +385,14 @@ class FlowTraining:
                 validation_data = tuple(a[-held_out:] for a in arrays)
                 arrays = tuple(a[:-held_out] for a in arrays)
             batch_size = batch_size or 32
-            train = self._batched(arrays, batch_size, shuffle)
             rows = len(arrays[0])
             steps = rows // batch_size if shuffle and rows >= batch_size else math.ceil(rows / batch_size)
+            # One pass over the rows is an epoch: an endless dataset and its length as
+            # `steps_per_epoch`, unless the caller chose `steps_per_epoch` themselves.
+            endless = kwargs.get("steps_per_epoch") is None
+            if endless:
+                kwargs["steps_per_epoch"] = steps
+            train = self._batched(arrays, batch_size, shuffle, repeat=endless)
         if validation_data is not None:
             validation_data = self._validation(validation_data)
 
