@@ -3,22 +3,21 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-from tensorflow_probability.python.bijectors import bijector
 from tensorflow_probability.python.internal import (
     assert_util,
-    cache_util,
     dtype_util,
     parameter_properties,
     tensor_util,
 )
 
-from tfp_flows.bijectors._shapes import check_event_size, static_event_size, static_num_layers
+from tfp_flows.bijectors._one_pass import OnePassBijector
+from tfp_flows.bijectors._shapes import check_event_size, static_event_size
 from tfp_flows.bijectors.stack import LayerStack
 
 __all__ = ["Planar", "PlanarStack", "solve_projection"]
 
 
-class Planar(bijector.AutoCompositeTensorBijector):
+class Planar(OnePassBijector):
     """`x = z + û · tanh(wᵀz + b)`, invertible for every `u`.
 
     `û = u + (m(wᵀu) − wᵀu) · w / ‖w‖²` with `m(s) = −1 + softplus(s)`, so that
@@ -131,14 +130,8 @@ class Planar(bijector.AutoCompositeTensorBijector):
         u_hat = u + ((c - wu) / w_norm_sq)[..., tf.newaxis] * w
         return u_hat, w, b, c, p
 
-    # `forward` and `inverse` return the log-det with their result: TFP's
-    # greedy-attribute cache keeps it (as `ildj`, the key the base class reads), so
-    # `sample_and_log_prob` and `log_prob` compute `û`, `p` and `tanh t` once per
-    # layer, and their gradients take one path through them instead of two.
-    _cache = cache_util.BijectorCacheWithGreedyAttrs(
-        forward_name="_augmented_forward", inverse_name="_augmented_inverse"
-    )
-
+    # Each direction computes `û`, `p` and `tanh t` once for the result and its log-det
+    # (`OnePassBijector`).
     def _augmented_forward(self, z):
         """`(x, {"ildj": −log-det})` from one evaluation of `û`, `p` and `tanh(wᵀz + b)`."""
         check_event_size(z, self._event_size, "z", self.name)
@@ -161,20 +154,6 @@ class Planar(bijector.AutoCompositeTensorBijector):
         t = root - _residual(root, h, s, p) / _slope(root, h, p)
         h = tf.tanh(t)
         return x - u_hat * h[..., tf.newaxis], {"ildj": -_log_det(t, h, p)}
-
-    def _forward(self, z):
-        return self._augmented_forward(z)[0]
-
-    def _inverse(self, x):
-        return self._augmented_inverse(x)[0]
-
-    def _forward_log_det_jacobian(self, z):
-        # Reached only for a `z` that `forward` has not seen.
-        return -self._augmented_forward(z)[1]["ildj"]
-
-    def _inverse_log_det_jacobian(self, x):
-        # Reached only for an `x` that `inverse` has not seen.
-        return self._augmented_inverse(x)[1]["ildj"]
 
     def _parameter_control_dependencies(self, is_init):
         if not self.validate_args:
@@ -207,6 +186,8 @@ class PlanarStack(LayerStack):
     layer's formula, inverse and log-det.
     """
 
+    _layer_class = Planar
+
     def __init__(
         self,
         u,
@@ -218,56 +199,21 @@ class PlanarStack(LayerStack):
     ):
         parameters = dict(locals())
         with tf.name_scope(name) as name:
-            # The whole stack is a valid Planar whose batch holds the layer axis:
-            # it converts and checks the parameters once.
-            self._stack = Planar(u, w, b, inverse_iterations, validate_args=validate_args)
-            self._num_layers = static_num_layers(
-                {"u": (self._stack.u, 1), "w": (self._stack.w, 1), "b": (self._stack.b, 0)}, name
-            )
-            super().__init__(
-                forward_min_event_ndims=1,
-                validate_args=validate_args,
-                dtype=self._stack.dtype,
-                parameters=parameters,
-                name=name,
-            )
+            stack = Planar(u, w, b, inverse_iterations, validate_args=validate_args)
+            super().__init__(stack, parameters, validate_args, name)
 
-    @classmethod
-    def _parameter_properties(cls, dtype, num_classes=None):
-        return dict(
-            u=parameter_properties.ParameterProperties(event_ndims=2),
-            w=parameter_properties.ParameterProperties(event_ndims=2),
-            b=parameter_properties.ParameterProperties(event_ndims=1),
-        )
+    u = property(lambda self: self._stack.u)
+    w = property(lambda self: self._stack.w)
+    b = property(lambda self: self._stack.b)
 
-    @property
-    def u(self):
-        return self._stack.u
-
-    @property
-    def w(self):
-        return self._stack.w
-
-    @property
-    def b(self):
-        return self._stack.b
-
-    def _stacked_parameters(self) -> dict:
-        return {"u": (self.u, 1), "w": (self.w, 1), "b": (self.b, 0)}
-
-    def _layer(self, parameters: dict) -> Planar:
-        return Planar(**parameters, inverse_iterations=self._stack._inverse_iterations)
-
+    # One pass per layer and direction (`Planar`'s augmented methods), not two.
     def _layer_forward(self, parameters: dict, z):
-        x, extra = self._layer(parameters)._augmented_forward(z)
+        x, extra = Planar(**parameters, inverse_iterations=self._stack._inverse_iterations)._augmented_forward(z)
         return x, -extra["ildj"]
 
     def _layer_inverse(self, parameters: dict, x):
-        z, extra = self._layer(parameters)._augmented_inverse(x)
+        z, extra = Planar(**parameters, inverse_iterations=self._stack._inverse_iterations)._augmented_inverse(x)
         return z, extra["ildj"]
-
-    def _parameter_control_dependencies(self, is_init):
-        return self._stack._parameter_control_dependencies(is_init)
 
 
 def _tiny(dtype) -> float:

@@ -11,7 +11,7 @@ from tensorflow_probability.python.internal import (
     tensor_util,
 )
 
-from tfp_flows.bijectors._shapes import check_event_size, static_event_size, static_num_layers
+from tfp_flows.bijectors._shapes import check_event_size, static_event_size
 from tfp_flows.bijectors.stack import LayerStack
 
 __all__ = ["Radial", "RadialStack"]
@@ -176,59 +176,14 @@ class RadialStack(LayerStack):
     for each layer's formula, inverse and log-det.
     """
 
+    _layer_class = Radial
+
     def __init__(self, center, alpha, beta, validate_args: bool = False, name: str = "radial_stack"):
         parameters = dict(locals())
         with tf.name_scope(name) as name:
-            # The whole stack is a valid Radial whose batch holds the layer axis.
-            self._stack = Radial(center, alpha, beta, validate_args=validate_args)
-            self._num_layers = static_num_layers(
-                {"center": (self._stack.center, 1), "alpha": (self._stack.alpha, 0),
-                 "beta": (self._stack.beta, 0)}, name
-            )
-            super().__init__(
-                forward_min_event_ndims=1,
-                validate_args=validate_args,
-                dtype=self._stack.dtype,
-                parameters=parameters,
-                name=name,
-            )
+            super().__init__(Radial(center, alpha, beta, validate_args=validate_args), parameters,
+                             validate_args, name)
 
-    @classmethod
-    def _parameter_properties(cls, dtype, num_classes=None):
-        return dict(
-            center=parameter_properties.ParameterProperties(event_ndims=2),
-            alpha=parameter_properties.ParameterProperties(
-                event_ndims=1,
-                default_constraining_bijector_fn=parameter_properties.BIJECTOR_NOT_IMPLEMENTED,
-            ),
-            beta=parameter_properties.ParameterProperties(
-                event_ndims=1,
-                default_constraining_bijector_fn=parameter_properties.BIJECTOR_NOT_IMPLEMENTED,
-            ),
-        )
-
-    @property
-    def center(self):
-        return self._stack.center
-
-    @property
-    def alpha(self):
-        return self._stack.alpha
-
-    @property
-    def beta(self):
-        return self._stack.beta
-
-    def _stacked_parameters(self) -> dict:
-        return {"center": (self.center, 1), "alpha": (self.alpha, 0), "beta": (self.beta, 0)}
-
-    def _layer_forward(self, parameters: dict, z):
-        layer = Radial(**parameters)
-        return layer._forward(z), layer._forward_log_det_jacobian(z)
-
-    def _layer_inverse(self, parameters: dict, x):
-        layer = Radial(**parameters)
-        return layer._inverse(x), layer._inverse_log_det_jacobian(x)
-
-    def _parameter_control_dependencies(self, is_init):
-        return self._stack._parameter_control_dependencies(is_init)
+    center = property(lambda self: self._stack.center)
+    alpha = property(lambda self: self._stack.alpha)
+    beta = property(lambda self: self._stack.beta)

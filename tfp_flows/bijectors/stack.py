@@ -1,16 +1,17 @@
 """`L` layers of one bijector family, run as one loop over a stacked layer axis."""
 from __future__ import annotations
 
-import abc
-
 import tensorflow as tf
 from tensorflow_probability.python.bijectors import bijector
-from tensorflow_probability.python.internal import cache_util, prefer_static
+from tensorflow_probability.python.internal import prefer_static
+
+from tfp_flows.bijectors._one_pass import OnePassBijector
+from tfp_flows.bijectors._shapes import static_num_layers
 
 __all__ = ["LayerStack"]
 
 
-class LayerStack(bijector.AutoCompositeTensorBijector):
+class LayerStack(OnePassBijector):
     """`tfb.Chain([layer(θ₀), …, layer(θ_{L−1})])` as one `tf.while_loop` over the layers.
 
     Each parameter carries a layer axis just left of the layer's own event axes
@@ -18,37 +19,59 @@ class LayerStack(bijector.AutoCompositeTensorBijector):
     `forward` applies layer `L − 1` first and layer `0` last, `inverse` the
     reverse; the log-det is the sum of the layers' log-dets. The loop body is
     traced once instead of `L` times, so the graph (and its XLA compile) does not
-    grow with `L`. Subclasses give `_stacked_parameters()` (name → (tensor, the
-    layer's event rank of it)) and `_layer_forward` / `_layer_inverse` on one
-    layer's parameters, each returning `(result, log-det)` of that direction.
+    grow with `L`.
+
+    A subclass names its `_layer_class` and passes `stack`: one bijector of that
+    class holding every layer's parameters, the layer axis among its batch axes
+    (which converts and checks the parameters once, with the layer's own checks).
     """
 
-    _cache = cache_util.BijectorCacheWithGreedyAttrs(
-        forward_name="_augmented_forward", inverse_name="_augmented_inverse"
-    )
+    _layer_class: type
 
-    @abc.abstractmethod
-    def _stacked_parameters(self) -> dict:
-        """Name → `(tensor, rank of one layer's parameter)`, the layer axis left of those axes."""
+    def __init__(self, stack: bijector.Bijector, parameters: dict, validate_args: bool, name: str):
+        self._stack = stack
+        self._ranks = {
+            key: properties.event_ndims
+            for key, properties in type(stack).parameter_properties(stack.dtype).items()
+        }
+        self._num_layers = static_num_layers(
+            {key: (getattr(stack, key), rank) for key, rank in self._ranks.items()}, name
+        )
+        super().__init__(
+            forward_min_event_ndims=stack.forward_min_event_ndims,
+            validate_args=validate_args,
+            dtype=stack.dtype,
+            parameters=parameters,
+            name=name,
+        )
 
-    @abc.abstractmethod
-    def _layer_forward(self, parameters: dict, z):
-        """`(x, log|det ∂x/∂z|)` of the layer with these parameters."""
-
-    @abc.abstractmethod
-    def _layer_inverse(self, parameters: dict, x):
-        """`(z, log|det ∂z/∂x|)` of the layer with these parameters."""
+    @classmethod
+    def _parameter_properties(cls, dtype, num_classes=None):
+        return {
+            key: properties._replace(event_ndims=properties.event_ndims + 1)
+            for key, properties in cls._layer_class.parameter_properties(dtype).items()
+        }
 
     @property
     def num_layers(self) -> int:
         """The static number of layers `L`."""
         return self._num_layers
 
+    def _layer_forward(self, parameters: dict, z):
+        """`(x, log|det ∂x/∂z|)` of the layer with these parameters."""
+        layer = self._layer_class(**parameters)
+        return layer._forward(z), layer._forward_log_det_jacobian(z)
+
+    def _layer_inverse(self, parameters: dict, x):
+        """`(z, log|det ∂z/∂x|)` of the layer with these parameters."""
+        layer = self._layer_class(**parameters)
+        return layer._inverse(x), layer._inverse_log_det_jacobian(x)
+
     def _loop(self, y, inverse: bool):
         """`(result, log-det of the direction)` after all layers, in Chain order."""
         stacked = {
-            name: (tf.convert_to_tensor(value), rank)
-            for name, (value, rank) in self._stacked_parameters().items()
+            key: (tf.convert_to_tensor(getattr(self._stack, key)), rank)
+            for key, rank in self._ranks.items()
         }
         batch = prefer_static.shape(y)[:-1]
         for value, rank in stacked.values():
@@ -59,7 +82,7 @@ class LayerStack(bijector.AutoCompositeTensorBijector):
         def body(i, y, log_det):
             k = i if inverse else layers - 1 - i
             parameters = {
-                name: tf.gather(value, k, axis=-(rank + 1)) for name, (value, rank) in stacked.items()
+                key: tf.gather(value, k, axis=-(rank + 1)) for key, (value, rank) in stacked.items()
             }
             step = self._layer_inverse if inverse else self._layer_forward
             y, layer_log_det = step(parameters, y)
@@ -81,14 +104,5 @@ class LayerStack(bijector.AutoCompositeTensorBijector):
         z, log_det = self._loop(x, inverse=True)
         return z, {"ildj": log_det}
 
-    def _forward(self, z):
-        return self._augmented_forward(z)[0]
-
-    def _inverse(self, x):
-        return self._augmented_inverse(x)[0]
-
-    def _forward_log_det_jacobian(self, z):
-        return -self._augmented_forward(z)[1]["ildj"]
-
-    def _inverse_log_det_jacobian(self, x):
-        return self._augmented_inverse(x)[1]["ildj"]
+    def _parameter_control_dependencies(self, is_init):
+        return self._stack._parameter_control_dependencies(is_init)
