@@ -9,7 +9,10 @@
    can give at most log 10 nats per image (0.052 bits/dim): reported is how much of it
    each model gets. Generative classifier `argmax_c log p(x | c)` on the test digits
    beside scikit-learn's QDA on the same logit features, `reg_param` tuned on the
-   validation split. Figure: one row of samples per class.
+   validation split. `--classifier glow-ensemble3,realnvp` adds generative classifiers: the
+   equal-weight mixture of 3 conditional Glows (seeds 0, 1, 2; log-mean-exp of the densities),
+   a conditional realnvp (or `maf`) on the 64 logit features, and the mixture of all of them.
+   Figure: one row of samples per class.
 2. rotated-8gaussians: `KL(p‖q) = E_p[log p(x|c) − log q(x|c)]` on 5000 held-out pairs
    (exact `log p` from `conditional_toy_log_prob`) for conditional `maf`, `realnvp`,
    `planar_flow` (`--variants`: wider, deeper, and a conditional rotation-scale layer),
@@ -93,27 +96,67 @@ def one_hot(labels) -> np.ndarray:
     return np.eye(NUM_CLASSES, dtype=np.float32)[labels]
 
 
-def train_glow(conditional: bool, fit, validation, args):
-    """Glow (2 levels × 4 steps) behind the logit layer, trained by the digits protocol."""
-    tf_keras.utils.set_random_seed(0)
-    glow = flows.glow([8, 8, 1], 2, 4, args.glow_hidden, seed=0,
+def _pairs(x, y, conditional: bool, seed: int):
+    """Training batches (fresh dequantization noise, reshuffled with `seed`) and held batches."""
+    (x_fit, y_fit), (x_val, y_val) = x, y
+    if conditional:
+        train = tf.data.Dataset.from_tensor_slices((x_fit, one_hot(y_fit)))
+        train = train.shuffle(len(x_fit), seed=seed).batch(64, drop_remainder=True)
+        train = train.map(lambda x, c: (requantize(x), c))
+        held = tf.data.Dataset.from_tensor_slices((x_val, one_hot(y_val))).batch(64, drop_remainder=True)
+    else:
+        train = tf.data.Dataset.from_tensor_slices(x_fit).shuffle(len(x_fit), seed=seed)
+        train = train.batch(64, drop_remainder=True).map(requantize)
+        held = tf.data.Dataset.from_tensor_slices(x_val).batch(64, drop_remainder=True)
+    return train, held
+
+
+def train_glow(conditional: bool, fit, validation, args, seed: int = 0):
+    """Glow (2 levels × 4 steps) behind the logit layer, trained by the digits protocol.
+
+    `seed` sets the Glow's initial weights, the shuffling and the dequantization noise.
+    """
+    tf_keras.utils.set_random_seed(seed)
+    glow = flows.glow([8, 8, 1], 2, 4, args.glow_hidden, seed=seed,
                       context_size=NUM_CLASSES if conditional else None)
     model = FlowModel(tfb.Chain([logit_layer(), glow]), [8, 8, 1],
                       context_shape=[NUM_CLASSES] if conditional else None)
     model.compile(learning_rate=1e-3, jit_compile=True)
-    (x_fit, y_fit), (x_val, y_val) = fit, validation
-    if conditional:
-        train = tf.data.Dataset.from_tensor_slices((x_fit, one_hot(y_fit)))
-        train = train.shuffle(len(x_fit), seed=0).batch(64, drop_remainder=True)
-        train = train.map(lambda x, c: (requantize(x), c))
-        held = tf.data.Dataset.from_tensor_slices((x_val, one_hot(y_val))).batch(64, drop_remainder=True)
-    else:
-        train = tf.data.Dataset.from_tensor_slices(x_fit).shuffle(len(x_fit), seed=0)
-        train = train.batch(64, drop_remainder=True).map(requantize)
-        held = tf.data.Dataset.from_tensor_slices(x_val).batch(64, drop_remainder=True)
+    train, held = _pairs(fit, validation, conditional, seed)
     start = time.perf_counter()
     history = model.fit(train, validation_data=held, epochs=args.digits_epochs, patience=10, verbose=0)
     return model, len(history.history["nll"]), time.perf_counter() - start
+
+
+class _Flat:
+    """A model on `[64]` vectors seen as `[8, 8, 1]` images by `class_log_probs`."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def log_prob(self, images, context):
+        return self.model.log_prob(np.reshape(images, (len(images), -1)), context=context)
+
+
+def train_vector_flow(name: str, fit, validation, args, seed: int = 0):
+    """Conditional `realnvp` or `maf` on the 64 logit features (the logit layer of Glow's input).
+
+    Same protocol as Glow: Adam 1e-3, batch 64, fresh dequantization noise per batch, early
+    stopping (patience 10) on the validation split, best weights restored.
+    """
+    tf_keras.utils.set_random_seed(seed)
+    width = args.vector_hidden
+    if name == "realnvp":
+        flow = flows.realnvp(64, args.vector_layers, [width, width], seed=seed, context_size=NUM_CLASSES)
+    else:
+        flow = flows.maf(64, args.vector_layers, [width, width], seed=seed, context_size=NUM_CLASSES)
+    model = FlowModel(tfb.Chain([logit_layer(), flow]), [64], context_shape=[NUM_CLASSES])
+    model.compile(learning_rate=1e-3, jit_compile=True)
+    flat = [(x.reshape(len(x), -1), y) for x, y in (fit, validation)]
+    train, held = _pairs(*flat, True, seed)
+    start = time.perf_counter()
+    history = model.fit(train, validation_data=held, epochs=args.digits_epochs, patience=10, verbose=0)
+    return _Flat(model), len(history.history["nll"]), time.perf_counter() - start
 
 
 def class_log_probs(model, images) -> np.ndarray:
@@ -140,7 +183,19 @@ def qda_accuracy(fit, validation, test):
     return float(np.mean(qda.predict(features[2]) == test[1])), best, scores[best]
 
 
+def _log_mean_exp(tables) -> np.ndarray:
+    """`log (1/K) Σ_k p_k`: the log-density of the equal-weight mixture of K models."""
+    return np.logaddexp.reduce(np.stack(tables), axis=0) - math.log(len(tables))
+
+
+CLASSIFIERS = ("glow-ensemble3", "realnvp", "maf")
+
+
 def digits_section(args) -> str:
+    extras = [name for name in args.classifier.split(",") if name]
+    unknown = sorted(set(extras) - set(CLASSIFIERS))
+    if unknown:
+        raise SystemExit(f"--classifier: expected names among {list(CLASSIFIERS)}; given {unknown}.")
     train, test = digits_with_labels()
     fit, validation = carve(*train)
     conditional, epochs_c, seconds_c = train_glow(True, fit, validation, args)
@@ -158,8 +213,40 @@ def digits_section(args) -> str:
     nll_u = float(-unconditional.log_prob(x_test).numpy().mean())
     accuracy = float(np.mean(np.argmax(table, axis=1) == y_test))
     qda_test, qda_reg, qda_val = qda_accuracy(fit, validation, test)
-    validation_accuracy = float(np.mean(
-        np.argmax(class_log_probs(conditional, validation[0]), axis=1) == validation[1]))
+    validation_table = class_log_probs(conditional, validation[0])
+    validation_accuracy = float(np.mean(np.argmax(validation_table, axis=1) == validation[1]))
+
+    # Extra generative classifiers: (label, [test tables], [validation tables], epochs, seconds).
+    tables = {"glow": ([table], [validation_table])}
+    extra_rows, trained = [], []
+    if "glow-ensemble3" in extras:
+        for seed in (1, 2):
+            model, epochs, seconds = train_glow(True, fit, validation, args, seed=seed)
+            print(f"conditional Glow seed {seed}: {epochs} epochs, {seconds:.0f} s", flush=True)
+            trained.append((f"conditional Glow, seed {seed}", epochs, seconds))
+            tables["glow"][0].append(class_log_probs(model, x_test))
+            tables["glow"][1].append(class_log_probs(model, validation[0]))
+        extra_rows.append(("conditional Glow ensemble, seeds 0, 1, 2: argmax_c log (1/3) Σ_k p_k(x | c)",
+                           tables["glow"][0], tables["glow"][1]))
+    for name in ("realnvp", "maf"):
+        if name in extras:
+            model, epochs, seconds = train_vector_flow(name, fit, validation, args)
+            label = (f"conditional {name} {args.vector_layers} × [{args.vector_hidden}, "
+                     f"{args.vector_hidden}] on the 64 logit features")
+            print(f"{label}: {epochs} epochs, {seconds:.0f} s", flush=True)
+            trained.append((label, epochs, seconds))
+            tables[name] = ([class_log_probs(model, x_test)], [class_log_probs(model, validation[0])])
+            extra_rows.append((f"{label}, argmax_c log p(x | c)", *tables[name]))
+            every = [tables["glow"][0] + tables[name][0], tables["glow"][1] + tables[name][1]]
+            k = len(tables["glow"][0])
+            extra_rows.append((f"equal-weight mixture of the {k} conditional Glow{'s' if k > 1 else ''} "
+                               f"and the conditional {name}: argmax_c log (1/{k + 1}) Σ_k p_k(x | c)", *every))
+    classifier_rows = []
+    for label, test_tables, validation_tables in extra_rows:
+        scores = [float(np.mean(np.argmax(_log_mean_exp(t), axis=1) == y))
+                  for t, y in ((test_tables, y_test), (validation_tables, validation[1]))]
+        classifier_rows.append((label, *scores))
+        print(f"{label}: test {scores[0]:.4f}, validation {scores[1]:.4f}", flush=True)
 
     ceiling = math.log(NUM_CLASSES)
     rows = [
@@ -189,9 +276,21 @@ def digits_section(args) -> str:
         "",
         "| classifier | test accuracy | validation accuracy |",
         "| --- | ---: | ---: |",
-        f"| conditional Glow, argmax_c log p(x | c) | {accuracy:.3f} | {validation_accuracy:.3f} |",
-        f"| QDA on logit(y), reg_param = {qda_reg:g} (best on validation) | {qda_test:.3f} | {qda_val:.3f} |",
+        f"| conditional Glow (seed 0), argmax_c log p(x | c) | {accuracy:.3f} ({round(accuracy * len(y_test))}"
+        f"/{len(y_test)}) | {validation_accuracy:.3f} ({round(validation_accuracy * len(validation[1]))}"
+        f"/{len(validation[1])}) |",
     ]
+    lines += [f"| {label} | {t:.3f} ({round(t * len(y_test))}/{len(y_test)}) | {v:.3f} "
+              f"({round(v * len(validation[1]))}/{len(validation[1])}) |" for label, t, v in classifier_rows]
+    lines += [
+        f"| QDA on logit(y), reg_param = {qda_reg:g} (best on validation) | {qda_test:.3f} "
+        f"({round(qda_test * len(y_test))}/{len(y_test)}) | {qda_val:.3f} "
+        f"({round(qda_val * len(validation[1]))}/{len(validation[1])}) |",
+    ]
+    if trained:
+        lines += ["", "Extra classifier models (same protocol, early stopping on the validation split):", "",
+                  "| model | epochs | train s |", "| --- | ---: | ---: |"]
+        lines += [f"| {label} | {epochs} | {seconds:.0f} |" for label, epochs, seconds in trained]
     samples = conditional.sample(10, context=one_hot(np.arange(NUM_CLASSES)), seed=0).numpy()
     grid = np.transpose(samples, (1, 0, 2, 3, 4)).reshape(-1, 8, 8, 1)  # row k: class k
     plot_image_grid(np.clip(grid, 0.0, 1.0), str(RESULTS / "conditional_digits_samples.png"), nrow=10,
@@ -407,6 +506,10 @@ def main() -> str:
     parser.add_argument("--sections", default="digits,toy,speed")
     parser.add_argument("--digits-epochs", type=int, default=100)
     parser.add_argument("--glow-hidden", type=int, default=128, help="Glow coupling width (digits)")
+    parser.add_argument("--classifier", default="",
+                        help=f"extra digits classifiers, comma-separated, among {', '.join(CLASSIFIERS)}")
+    parser.add_argument("--vector-layers", type=int, default=8, help="layers of the digits realnvp/maf")
+    parser.add_argument("--vector-hidden", type=int, default=256, help="width of the digits realnvp/maf")
     parser.add_argument("--toy-models", default=",".join(TOY_MODELS),
                         help=f"comma-separated, among {', '.join(TOY_MODELS)}")
     parser.add_argument("--toy-train", type=int, default=100_000, help="training pairs (fresh, exact)")
