@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
+from tf_keras.src.engine.training import reduce_per_replica
 
 from tfp_flows import routing
 from tfp_flows.checks import check_positive_integer, check_positive_number
@@ -207,6 +208,44 @@ class FlowModel(FlowTraining, tf_keras.Model):
             self._apply_if_finite, self.distribute_strategy, finite,
             list(zip(summed, [v for _, v in pairs])))
         return self._record(nll)
+
+    def make_train_function(self, force: bool = False):
+        """Keras' train function; with several steps per execution, the step traced once.
+
+        tf_keras builds the step's `tf.function` inside its loop body, and AutoGraph
+        traces that body twice (once to learn the loop variables), so the flow's
+        graph is built twice. Here the step function is made once and the first step
+        runs before the loop: same steps, same counters, one trace.
+        """
+        if self.train_function is not None and not force:
+            return self.train_function
+        if (self.run_eagerly or self._cluster_coordinator is not None
+                or self._steps_per_execution is None
+                or (self._steps_per_execution.numpy().item() == 1
+                    and not self.autotune_steps_per_execution)):
+            return super().make_train_function(force)
+        strategy = self.distribute_strategy
+
+        def run_step(data):
+            outputs = self.train_step(data)
+            with tf.control_dependencies(tf.nest.flatten(outputs)):
+                self._train_counter.assign_add(1)
+            return outputs
+
+        run_step = tf.function(run_step, jit_compile=bool(self.jit_compile), reduce_retracing=True)
+
+        def one_step(iterator):
+            outputs = strategy.run(run_step, args=(next(iterator),))
+            return reduce_per_replica(outputs, strategy, reduction=self.distribute_reduction_method)
+
+        def train_function(iterator):
+            outputs = one_step(iterator)
+            for _ in tf.range(self._steps_per_execution - 1):
+                outputs = one_step(iterator)
+            return outputs
+
+        self.train_tf_function = self.train_function = tf.function(train_function, reduce_retracing=True)
+        return self.train_function
 
     def _apply_if_finite(self, strategy, finite, grads_and_vars) -> None:
         """Apply the step, or skip it whole when `finite` is false (weights, optimizer slots
