@@ -206,15 +206,6 @@ class PlanarStack(LayerStack):
     w = property(lambda self: self._stack.w)
     b = property(lambda self: self._stack.b)
 
-    # One pass per layer and direction (`Planar`'s augmented methods), not two.
-    def _layer_forward(self, parameters: dict, z):
-        x, extra = Planar(**parameters, inverse_iterations=self._stack._inverse_iterations)._augmented_forward(z)
-        return x, -extra["ildj"]
-
-    def _layer_inverse(self, parameters: dict, x):
-        z, extra = Planar(**parameters, inverse_iterations=self._stack._inverse_iterations)._augmented_inverse(x)
-        return z, extra["ildj"]
-
 
 def _tiny(dtype) -> float:
     return float(np.finfo(dtype_util.as_numpy_dtype(dtype)).tiny)

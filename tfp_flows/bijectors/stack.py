@@ -32,7 +32,7 @@ class LayerStack(OnePassBijector):
         self._stack = stack
         self._ranks = {
             key: properties.event_ndims
-            for key, properties in type(stack).parameter_properties(stack.dtype).items()
+            for key, properties in self._layer_class.parameter_properties(stack.dtype).items()
         }
         self._num_layers = static_num_layers(
             {key: (getattr(stack, key), rank) for key, rank in self._ranks.items()}, name
@@ -57,14 +57,25 @@ class LayerStack(OnePassBijector):
         """The static number of layers `L`."""
         return self._num_layers
 
+    def _layer(self, parameters: dict) -> bijector.Bijector:
+        """Layer `k`: its slice of the parameters, the stack's other arguments (such as
+        Planar's `inverse_iterations`), unchecked (the stack checked them all)."""
+        return self._layer_class(**{**self._stack.parameters, **parameters, "validate_args": False})
+
     def _layer_forward(self, parameters: dict, z):
-        """`(x, log|det ∂x/∂z|)` of the layer with these parameters."""
-        layer = self._layer_class(**parameters)
+        """`(x, log|det ∂x/∂z|)` of the layer with these parameters, in one pass if it has one."""
+        layer = self._layer(parameters)
+        if isinstance(layer, OnePassBijector):
+            x, extra = layer._augmented_forward(z)
+            return x, -extra["ildj"]
         return layer._forward(z), layer._forward_log_det_jacobian(z)
 
     def _layer_inverse(self, parameters: dict, x):
-        """`(z, log|det ∂z/∂x|)` of the layer with these parameters."""
-        layer = self._layer_class(**parameters)
+        """`(z, log|det ∂z/∂x|)` of the layer with these parameters, in one pass if it has one."""
+        layer = self._layer(parameters)
+        if isinstance(layer, OnePassBijector):
+            z, extra = layer._augmented_inverse(x)
+            return z, extra["ildj"]
         return layer._inverse(x), layer._inverse_log_det_jacobian(x)
 
     def _loop(self, y, inverse: bool):
