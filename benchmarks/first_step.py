@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from report import publish
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = r"""
@@ -112,10 +114,7 @@ def main() -> None:
         lines.append(f"| {names[workload]} | {np.median(a):.1f} ({', '.join(f'{v:.1f}' for v in a)}) | "
                      f"{np.median(b):.1f} ({', '.join(f'{v:.1f}' for v in b)}) | "
                      f"{np.median(b) / np.median(a):.2f}x |")
-    table = "\n".join(lines)
-    print(table)
-    with open(args.out, "w") as handle:
-        handle.write(table + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import tensorflow_probability as tfp  # noqa: E402
 import tf_keras  # noqa: E402
 
 from nll_step import nll_adam_step  # noqa: E402
+from report import publish  # noqa: E402
 from tfp_flows import FlowModel, flows  # noqa: E402
 from tfp_flows.datasets import toy  # noqa: E402
 
@@ -115,11 +116,7 @@ def main() -> None:
                      f"{r['fit'] / r['plain']:.2f}x | {r['plain_first']:.1f} | "
                      f"{r['fit_first_epoch']:.1f} ({r['steps']}) |")
         print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "fit_overhead.md"), "w") as f:
-        f.write(table + "\n")
+    publish(lines, os.path.join(os.path.dirname(__file__), "results", "fit_overhead.md"))
 
 
 if __name__ == "__main__":

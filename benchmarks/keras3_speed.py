@@ -30,6 +30,7 @@ import tf_keras  # noqa: E402
 
 import tfp_flows  # noqa: E402
 from nll_step import nll_adam_step  # noqa: E402
+from report import publish  # noqa: E402
 from tfp_flows import flows as tf_flows  # noqa: E402
 from tfp_flows.datasets import toy  # noqa: E402
 from tfp_flows.keras3 import FlowModel as Keras3FlowModel  # noqa: E402
@@ -155,12 +156,10 @@ def main() -> None:
         "| flow | path | ms/step | vs tf_keras | vs plain loop | first epoch (s, compile incl.) |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    table = "\n".join(header + rows)
-    print(table)
-    if not args.quick:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS, "w") as f:
-            f.write(table + "\n")
+    if args.quick:
+        print("\n".join(header + rows))
+    else:
+        publish(header + rows, RESULTS)
 
 
 if __name__ == "__main__":

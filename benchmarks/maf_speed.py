@@ -26,6 +26,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
 
 from nll_step import nll_adam_step  # noqa: E402
+from report import publish  # noqa: E402
 from tfp_flows.bijectors.autoregressive import MaskedAutoregressiveAffine  # noqa: E402
 from tfp_flows.networks import MADE  # noqa: E402
 
@@ -121,11 +122,7 @@ def main() -> None:
                          f"{seconds / reference:.2f}x |")
     lines += ["", f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
               f"end (other jobs on these {os.cpu_count()} cores slow every variant; compare ratios)."]
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "maf_speed.md"), "w") as f:
-        f.write(table + "\n")
+    publish(lines, os.path.join(os.path.dirname(__file__), "results", "maf_speed.md"))
 
 
 if __name__ == "__main__":

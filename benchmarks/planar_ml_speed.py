@@ -31,6 +31,7 @@ import tensorflow_probability as tfp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nll_step import nll_adam_step  # noqa: E402
+from report import publish  # noqa: E402
 from tfp_flows.bijectors import Planar, PlanarStack  # noqa: E402
 from tfp_flows.datasets import toy  # noqa: E402
 
@@ -119,11 +120,7 @@ def main() -> None:
             f"| {name} | {medians[name]:.2f} | {medians[name] / medians[old]:.2f}x | "
             f"{first_call[name]:.2f} | {losses[name][-1]:.3f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as handle:
-        handle.write(table + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

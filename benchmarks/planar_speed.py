@@ -27,6 +27,7 @@ import tensorflow_probability as tfp  # noqa: E402
 import tf_keras  # noqa: E402
 
 from nll_step import nll_adam_step  # noqa: E402
+from report import publish  # noqa: E402
 from tfp_flows import FlowModel, flows  # noqa: E402
 from tfp_flows.bijectors import Planar  # noqa: E402
 from tfp_flows.datasets import toy  # noqa: E402
@@ -171,11 +172,7 @@ def main() -> None:
         for f, how, seconds in rows:
             if f == flow:
                 lines.append(f"| {f} | {how} | {1e3 * seconds:.2f} | {seconds / reference:.2f}x |")
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "planar_speed.md"), "w") as f:
-        f.write(table + "\n")
+    publish(lines, os.path.join(os.path.dirname(__file__), "results", "planar_speed.md"))
 
 
 if __name__ == "__main__":
