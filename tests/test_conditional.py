@@ -382,7 +382,9 @@ def test_tfp_conditional_maf_in_a_chain_with_a_planar_flow_trains():
                                      conditional_event_shape=[3], hidden_units=[16])
     bijector = tfb.Chain([tfb.MaskedAutoregressiveFlow(made), flows.planar_flow(2, 4, seed=0)])
     model = FlowModel(bijector, [2], context_shape=[3])
-    before, after, _ = _fit_and_score(model, x[:768], c[:768], x[768:], c[768:], epochs=4,
+    # TFP's MADE starts far from the identity (held-out NLL about 72 nats): 8 epochs
+    # bring it below the context-blind marginal (about 2.9), where the context shows.
+    before, after, _ = _fit_and_score(model, x[:768], c[:768], x[768:], c[768:], epochs=8,
                                       batch_size=64)
     assert after < before - 0.5, (before, after)
     shuffled = -float(np.mean(model.log_prob(x[768:], context=c[768:][::-1]).numpy()))

@@ -124,6 +124,42 @@ def test_fit_accepts_a_dataset_and_validation_split():
     assert "val_nll" in history.history and "val_bits_per_dim" in history.history
 
 
+class _RecordingModel(FlowModel):
+    """Records the batches `fit` gives the step (compiled with run_eagerly)."""
+
+    def train_step(self, data):
+        self.batches.append(tuple(t.numpy() for t in data))
+        return super().train_step(data)
+
+
+@pytest.mark.parametrize("rows, batch", [(96, 32), (100, 32)])
+def test_fit_visits_every_row_once_per_epoch_with_pairs_aligned(rows, batch):
+    """fit's batches: equal size, no row twice in an epoch (the remainder of a shuffled
+    epoch is dropped), a new order each epoch, context rows staying with their x rows."""
+    x = np.random.default_rng(0).normal(size=(rows, 2)).astype(np.float32)
+    context = 2.0 * x[:, :1] + 1.0
+    model = _RecordingModel(flows.radial_flow(2, 2, seed=0, context_size=1), event_shape=[2],
+                            context_shape=[1])
+    model.batches = []
+    model.compile(learning_rate=1e-3, jit_compile=False, run_eagerly=True)
+    model.fit(x, context=context, epochs=3, batch_size=batch, verbose=0)
+    steps = rows // batch
+    assert len(model.batches) == 3 * steps
+    orders = []
+    for epoch in range(3):
+        seen = model.batches[epoch * steps:(epoch + 1) * steps]
+        assert all(xs.shape == (batch, 2) and cs.shape == (batch, 1) for xs, cs in seen)
+        xs = np.concatenate([b[0] for b in seen])
+        np.testing.assert_array_equal(np.concatenate([b[1] for b in seen]), 2.0 * xs[:, :1] + 1.0)
+        index = {row.tobytes(): i for i, row in enumerate(x)}
+        order = [index[row.tobytes()] for row in xs]
+        assert len(set(order)) == steps * batch  # no row twice
+        orders.append(order)
+    assert orders[0] != orders[1] != orders[2]
+    if rows % batch == 0:  # every row, in a new order each epoch
+        assert sorted(orders[0]) == list(range(rows))
+
+
 def test_export_reloads_in_a_process_without_tfp(trained_mixed_model, tmp_path):
     model, _ = trained_mixed_model
     path = model.export(str(tmp_path / "saved"))

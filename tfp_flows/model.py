@@ -188,6 +188,33 @@ class FlowModel(FlowTraining, tf_keras.Model):
     def metrics(self):
         return list(self._tracked_metrics)
 
+    def reset_metrics(self) -> None:
+        """Zero the running means in one compiled call (Keras makes an eager assign
+        per sum: six calls at every epoch's start)."""
+        compiled = self._metrics_function(
+            "reset", lambda: [m.reset_state() for m in self._tracked_metrics])
+        if compiled is None:
+            return super().reset_metrics()
+        compiled()
+
+    def get_metrics_result(self) -> dict:
+        """`{name: running mean}` of the three logs in one compiled call (Keras reads
+        them one `tf.function` call each at every epoch's end)."""
+        compiled = self._metrics_function(
+            "result", lambda: {m.name: m.result() for m in self._tracked_metrics})
+        return super().get_metrics_result() if compiled is None else compiled()
+
+    def _metrics_function(self, key: str, body):
+        """`body` as a `tf.function`, made once, or None under a distribution strategy
+        (where Keras' own eager calls handle the replicas' sums). Held in a plain dict
+        outside Keras' attribute tracking, so that no save route records it."""
+        if tf.distribute.has_strategy() or self._distribution_strategy is not None:
+            return None
+        functions = self.__dict__.setdefault("_compiled_metric_functions", {})
+        if key not in functions:
+            functions[key] = tf.function(body, autograph=False)
+        return functions[key]
+
     def train_step(self, data):
         x, context = self._unpack(data)
         variables = self.trainable_variables
