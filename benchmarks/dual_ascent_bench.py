@@ -186,7 +186,7 @@ def eight_gaussians_section() -> str:
 def digits_section() -> str:
     y_train = digits("train").reshape(-1, 64)
     y_test = digits("test").reshape(-1, 64)
-    x_train, x_test = to_logit(y_train), to_logit(y_test)
+    x_train = to_logit(y_train)
     layer = logit_layer()
     rows = []
 

@@ -11,7 +11,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 
 _PRELUDE = textwrap.dedent("""
     import json, os, sys
