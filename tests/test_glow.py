@@ -6,7 +6,8 @@ import tensorflow_probability as tfp
 import tf_keras
 
 from tfp_flows import FlowModel
-from tfp_flows.bijectors import ActNorm, Invertible1x1Conv, Squeeze, factor_out, rotation_lu
+from tfp_flows.bijectors import (ActNorm, AffineCoupling, GlowStep, Invertible1x1Conv, Squeeze,
+                                factor_out, rotation_lu)
 from flow_checks import autodiff_log_det, fresh
 
 tfb = tfp.bijectors
@@ -162,6 +163,41 @@ def test_conv1x1_starts_orthogonal_and_stays_invertible_under_large_steps():
     np.testing.assert_allclose(log_abs, conv.log_abs_diagonal.numpy().sum(), rtol=1e-4, atol=1e-3)
     z = tf.random.normal([8, 4], seed=3)
     np.testing.assert_allclose(conv.inverse(fresh(conv.forward(z))).numpy(), z.numpy(), atol=1e-3)
+
+
+def _conv_conditioner(channels_in, channels_out, dtype, seed):
+    """A small fixed convolutional shift-and-log-scale map (not the identity)."""
+    kernel = tf.constant(0.3 * np.random.default_rng(seed).normal(size=(3, 3, channels_in,
+                                                                        channels_out)), dtype)
+    return lambda x: tf.nn.conv2d(x, kernel, strides=1, padding="SAME")
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+def test_glow_step_equals_the_chain_of_its_parts(dtype):
+    rng = np.random.default_rng(4)
+    permutation, lower_upper, sign = rotation_lu(4, seed=2)
+    lower_upper = lower_upper + 0.2 * rng.normal(size=(4, 4))
+    bias_log_scale = tf.constant(rng.normal(scale=0.5, size=(2, 4)), dtype)
+    lower_upper = tf.constant(lower_upper, dtype)
+    conditioner = _conv_conditioner(2, 4, dtype, seed=3)
+    step = GlowStep(bias_log_scale, lower_upper, permutation, sign, conditioner, 2)
+    chain = tfb.Chain([ActNorm(bias_log_scale),
+                       tfb.Invert(Invertible1x1Conv(lower_upper, permutation, sign)),
+                       AffineCoupling(conditioner, 2, event_ndims=3)])
+    tol = 1e-4 if dtype == tf.float32 else 1e-11
+    x = tf.constant(rng.normal(size=(2, 3, 4, 4, 4)), dtype)  # two batch axes
+    z = step.inverse(x)
+    np.testing.assert_allclose(z.numpy(), chain.inverse(fresh(x)).numpy(), rtol=tol, atol=tol)
+    for direction, point in (("inverse", x), ("forward", z)):
+        ours = getattr(step, f"{direction}_log_det_jacobian")(fresh(point), event_ndims=3)
+        theirs = getattr(chain, f"{direction}_log_det_jacobian")(fresh(point), event_ndims=3)
+        assert ours.shape == [2, 3]
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(step.forward(fresh(z)).numpy(), x.numpy(), rtol=10 * tol, atol=10 * tol)
+    np.testing.assert_allclose(step.forward(z).numpy(), chain.forward(fresh(z)).numpy(),
+                               rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match=r"same channel count; given 4 and 2"):
+        GlowStep(bias_log_scale, tf.zeros([2, 2], dtype), None, None, conditioner, 2)
 
 
 def test_squeeze_moves_each_2x2_block_into_channels():

@@ -5,8 +5,9 @@ from tensorflow_probability.python.bijectors import bijector
 from tensorflow_probability.python.internal import cache_util
 
 
-class OnePassBijector(bijector.AutoCompositeTensorBijector):
-    """Subclasses give `_augmented_forward(z) -> (x, {"ildj": −log-det})` and
+class OnePass:
+    """Mixin for a `tfb.Bijector`. Subclasses give
+    `_augmented_forward(z) -> (x, {"ildj": −log-det})` and
     `_augmented_inverse(x) -> (z, {"ildj": log-det of the inverse})`.
 
     TFP's greedy-attribute cache keeps the log-det with the result (as `ildj`, the
@@ -30,3 +31,7 @@ class OnePassBijector(bijector.AutoCompositeTensorBijector):
 
     def _inverse_log_det_jacobian(self, x):
         return self._augmented_inverse(x)[1]["ildj"]
+
+
+class OnePassBijector(OnePass, bijector.AutoCompositeTensorBijector):
+    """A one-pass bijector whose parameters are all tensors (a composite tensor, as TFP's own)."""

@@ -18,6 +18,7 @@ import tensorflow_probability as tfp
 from tfp_flows.bijectors import (
     ActNorm,
     AffineCoupling,
+    GlowStep,
     Invertible1x1Conv,
     Squeeze,
     factor_out,
@@ -111,17 +112,21 @@ def glow(
             for k in range(steps_per_level):
                 tag = f"{index}_{k}"
                 network, permutation, sign = constants[tag]
+                shift_and_log_scale = conditioner(network, values[f"coupling_{tag}"], context,
+                                                  context_size)
                 if found is None:
-                    act_norm = ActNorm(values[f"act_norm_{tag}"], name=f"act_norm_{tag}")
-                else:
-                    act_norm = _ActNormFromData(f"act_norm_{tag}", found, dtype)
+                    steps.append(GlowStep(values[f"act_norm_{tag}"], values[f"conv1x1_{tag}"],
+                                          permutation, sign, shift_and_log_scale, 2 * c,
+                                          name=f"step_{tag}"))
+                    continue
+                # The data-dependent initialisation: the same step as its three parts,
+                # ActNorm taking its values from the batch that reaches it.
                 steps += [
-                    act_norm,
+                    _ActNormFromData(f"act_norm_{tag}", found, dtype),
                     tfb.Invert(Invertible1x1Conv(values[f"conv1x1_{tag}"], permutation, sign,
                                                  name=f"conv1x1_{tag}")),
-                    AffineCoupling(conditioner(network, values[f"coupling_{tag}"], context,
-                                               context_size),
-                                   2 * c, event_ndims=3, name=f"affine_coupling_{tag}"),
+                    AffineCoupling(shift_and_log_scale, 2 * c, event_ndims=3,
+                                   name=f"affine_coupling_{tag}"),
                 ]
             parts = [tfb.Invert(Squeeze()), *steps]
             if index + 1 < levels:
