@@ -279,8 +279,9 @@ class GlowStep(OnePass, tfb.Bijector):
 
     Data to latent (TFP's inverse, the training direction): `y = x e^{−log_scale} − bias`,
     then `y ↦ W y` per position, then the coupling's inverse on channel halves;
-    log-det `H W (Σ log|s| − Σ log_scale) − Σ s_coupling`. `forward` runs the three
-    inverses in reverse. Equal to the Chain of its parts (tested); one bijector
+    log-det `H W (Σ log|s| − Σ log_scale) − Σ s_coupling`. `forward` (sampling) undoes
+    them in reverse order: the coupling forward, the convolution's two triangular
+    solves, ActNorm forward. Equal to the Chain of its parts (tested); one bijector
     instead of four, so a Glow's traced graph carries less of TFP's per-call
     bookkeeping; each direction computes its result and log-det in one pass.
     `bias_log_scale` (`[2, C]`) and `lower_upper` (`[C, C]`) are tensors
