@@ -19,11 +19,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import assert_util
-from tensorflow_probability.python.internal import cache_util
 from tensorflow_probability.python.internal import dtype_util
 from tensorflow_probability.python.internal import parameter_properties
 from tensorflow_probability.python.internal import prefer_static as ps
 from tensorflow_probability.python.internal import tensor_util
+
+from tfp_flows.bijectors._one_pass import OnePass
 
 tfb = tfp.bijectors
 
@@ -215,7 +216,7 @@ class AdditiveCoupling(_Coupling):
         return tf.zeros([], dtype=z.dtype)
 
 
-class AffineCoupling(_Coupling):
+class AffineCoupling(OnePass, _Coupling):
     """RealNVP affine coupling: `x_a = z_a`, `x_b = z_b · exp(s) + t`; log-det `Σ s`.
 
     `shift_and_log_scale_fn` maps the conditioning part `[N, ..., d]` either to one
@@ -281,13 +282,9 @@ class AffineCoupling(_Coupling):
         bound = max_log_scale(log_scale.dtype)
         return shift, tf.clip_by_value(log_scale, -bound, bound)
 
-    # The conditioner runs once per direction: TFP's greedy-attribute cache stores the
-    # log-det computed with the transform, so `log_prob` (inverse, then its log-det on
-    # the same tensor) does not trace the network twice.
-    _cache = cache_util.BijectorCacheWithGreedyAttrs(
-        forward_name="_augmented_forward", inverse_name="_augmented_inverse"
-    )
-
+    # The conditioner runs once per direction (`OnePass`: TFP's greedy-attribute cache
+    # keeps the log-det computed with the transform), so `log_prob` (inverse, then its
+    # log-det on the same tensor) does not trace the network twice.
     def _augmented_forward(self, z):
         z_a, z_b = self._split(z)
         shift, log_scale = self._shift_and_log_scale(z_a, z_b.shape[-1])
@@ -299,24 +296,6 @@ class AffineCoupling(_Coupling):
         shift, log_scale = self._shift_and_log_scale(x_a, x_b.shape[-1])
         z = tf.concat([x_a, (x_b - shift) * tf.exp(-log_scale)], axis=-1)
         return z, {"ildj": -self._sum_event(log_scale)}
-
-    def _forward(self, z):
-        return self._augmented_forward(z)[0]
-
-    def _inverse(self, x):
-        return self._augmented_inverse(x)[0]
-
-    def _forward_log_det_jacobian(self, z):
-        attributes = self._cache.forward_attributes(z)
-        if "ildj" not in attributes:
-            attributes.update(self._augmented_forward(z)[1])
-        return -attributes["ildj"]
-
-    def _inverse_log_det_jacobian(self, x):
-        attributes = self._cache.inverse_attributes(x)
-        if "ildj" not in attributes:
-            attributes.update(self._augmented_inverse(x)[1])
-        return attributes["ildj"]
 
 
 class NICERescale(tfb.Bijector):

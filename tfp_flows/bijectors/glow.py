@@ -336,8 +336,9 @@ class GlowStep(OnePass, tfb.Bijector):
     def _per_image_constant(self, y) -> tf.Tensor:
         """`H W (Σ log|s| − Σ log_scale)`: the ActNorm and 1x1-conv part of the data-to-latent log-det."""
         positions = ps.reduce_prod(ps.shape(y)[-3:-1])
-        per_position = (tf.reduce_sum(self._conv.log_abs_diagonal)
-                        - tf.reduce_sum(self._act_norm.log_scale))
+        # Both parts' log-dets per position are constants: Σ log|s| and Σ log_scale.
+        per_position = (self._conv._forward_log_det_jacobian(y)
+                        - self._act_norm._forward_log_det_jacobian(y))
         return tf.cast(positions, y.dtype) * per_position
 
     def _augmented_inverse(self, x):

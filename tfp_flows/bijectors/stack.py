@@ -5,7 +5,7 @@ import tensorflow as tf
 from tensorflow_probability.python.bijectors import bijector
 from tensorflow_probability.python.internal import prefer_static
 
-from tfp_flows.bijectors._one_pass import OnePassBijector
+from tfp_flows.bijectors._one_pass import OnePass, OnePassBijector
 from tfp_flows.bijectors._shapes import static_num_layers
 
 __all__ = ["LayerStack"]
@@ -65,7 +65,7 @@ class LayerStack(OnePassBijector):
     def _layer_forward(self, parameters: dict, z):
         """`(x, log|det ∂x/∂z|)` of the layer with these parameters, in one pass if it has one."""
         layer = self._layer(parameters)
-        if isinstance(layer, OnePassBijector):
+        if isinstance(layer, OnePass):
             x, extra = layer._augmented_forward(z)
             return x, -extra["ildj"]
         return layer._forward(z), layer._forward_log_det_jacobian(z)
@@ -73,7 +73,7 @@ class LayerStack(OnePassBijector):
     def _layer_inverse(self, parameters: dict, x):
         """`(z, log|det ∂z/∂x|)` of the layer with these parameters, in one pass if it has one."""
         layer = self._layer(parameters)
-        if isinstance(layer, OnePassBijector):
+        if isinstance(layer, OnePass):
             z, extra = layer._augmented_inverse(x)
             return z, extra["ildj"]
         return layer._inverse(x), layer._inverse_log_det_jacobian(x)
