@@ -145,13 +145,13 @@ def test_fit_visits_every_row_once_per_epoch_with_pairs_aligned(rows, batch):
     model.fit(x, context=context, epochs=3, batch_size=batch, verbose=0)
     steps = rows // batch
     assert len(model.batches) == 3 * steps
+    index = {row.tobytes(): i for i, row in enumerate(x)}
     orders = []
     for epoch in range(3):
         seen = model.batches[epoch * steps:(epoch + 1) * steps]
         assert all(xs.shape == (batch, 2) and cs.shape == (batch, 1) for xs, cs in seen)
         xs = np.concatenate([b[0] for b in seen])
         np.testing.assert_array_equal(np.concatenate([b[1] for b in seen]), 2.0 * xs[:, :1] + 1.0)
-        index = {row.tobytes(): i for i, row in enumerate(x)}
         order = [index[row.tobytes()] for row in xs]
         assert len(set(order)) == steps * batch  # no row twice
         orders.append(order)

@@ -32,6 +32,7 @@ __all__ = [
     "DivergenceWarning",
     "EpochGuard",
     "FlowTraining",
+    "batches_per_pass",
     "check_base_distribution",
     "checked_shapes",
     "divergence_threshold",
@@ -133,6 +134,12 @@ def check_base_distribution(base_distribution, event_shape: tuple) -> None:
             f"`base_distribution` has event shape {base_distribution.event_shape.as_list()}; "
             f"expected the model's event_shape {list(event_shape)}."
         )
+
+
+def batches_per_pass(rows: int, batch_size: int, shuffle: bool) -> int:
+    """The batches in one pass over `rows`: shuffled passes drop the remainder (equal
+    batches, one XLA shape), unshuffled ones keep it as a last, smaller batch."""
+    return rows // batch_size if shuffle and rows >= batch_size else math.ceil(rows / batch_size)
 
 
 class FlowTraining:
@@ -312,8 +319,9 @@ class FlowTraining:
         of building one at every epoch."""
         tensors = tuple(tf.constant(a, self.flow_dtype) for a in arrays)
         rows = len(arrays[0])
+        steps = batches_per_pass(rows, batch_size, shuffle)
         equal = shuffle and rows >= batch_size
-        end = rows // batch_size * batch_size if equal else rows
+        end = min(rows, steps * batch_size)
 
         def epoch(_):
             order = tf.random.shuffle(tf.range(rows)) if shuffle else tf.range(rows)
@@ -331,7 +339,7 @@ class FlowTraining:
         epochs = tf.data.Dataset.range(1)
         data = (epochs.repeat() if repeat else epochs).flat_map(epoch)
         # `flat_map` hides the length, which Keras needs (several steps per execution).
-        batches = tf.data.INFINITE_CARDINALITY if repeat else -(-end // batch_size)
+        batches = tf.data.INFINITE_CARDINALITY if repeat else steps
         return data.apply(tf.data.experimental.assert_cardinality(batches)).prefetch(
             tf.data.AUTOTUNE)
 
@@ -404,7 +412,7 @@ class FlowTraining:
                 arrays = tuple(a[:-held_out] for a in arrays)
             batch_size = batch_size or 32
             rows = len(arrays[0])
-            steps = rows // batch_size if shuffle and rows >= batch_size else math.ceil(rows / batch_size)
+            steps = batches_per_pass(rows, batch_size, shuffle)
             # One pass over the rows is an epoch: an endless dataset and its length as
             # `steps_per_epoch`, unless the caller chose `steps_per_epoch` themselves.
             endless = kwargs.get("steps_per_epoch") is None
