@@ -28,23 +28,13 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
 import tf_keras  # noqa: E402
 
+from epoch_clock import EpochClock  # noqa: E402
 from nll_step import nll_adam_step  # noqa: E402
 from report import publish  # noqa: E402
 from tfp_flows import FlowModel, flows  # noqa: E402
 from tfp_flows.datasets import toy  # noqa: E402
 
 MACHINE = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU"
-
-
-class _EpochClock(tf_keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.seconds, self.began = [], time.perf_counter()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self.start)
 
 
 EPOCHS_PER_ROUND = 5
@@ -79,7 +69,7 @@ def measure(build, event_shape, data, batch: int, rounds: int) -> dict:
     plain_first = time.perf_counter() - start
     model = FlowModel(build(), event_shape)
     model.compile(learning_rate=1e-3)
-    clock = _EpochClock()
+    clock = EpochClock()
     start = time.perf_counter()
     model.fit(data, epochs=1, batch_size=batch, verbose=0, callbacks=[clock])
     fit_first_epoch = time.perf_counter() - start

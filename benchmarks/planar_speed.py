@@ -24,8 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
-import tf_keras  # noqa: E402
 
+from epoch_clock import EpochClock  # noqa: E402
 from nll_step import nll_adam_step  # noqa: E402
 from report import publish  # noqa: E402
 from tfp_flows import FlowModel, flows  # noqa: E402
@@ -102,25 +102,12 @@ def seconds_per_plain_step(step, batches) -> float:
     return float(np.median(passes))
 
 
-class _EpochClock(tf_keras.callbacks.Callback):
-    """Epoch wall times; epoch-level hooks only, so Keras keeps dispatching steps ahead."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self.start)
-
-    def on_train_begin(self, logs=None):
-        self.seconds = []
-
-
 def seconds_per_fit_step(model: FlowModel, data: np.ndarray, batch: int, jit: bool,
                          **compile_kwargs) -> float:
     """Median epoch time of `fit` (arrays in, default arguments) over its steps per epoch,
     the first (compiling) epoch excluded."""
     model.compile(learning_rate=1e-3, jit_compile=jit, **compile_kwargs)
-    clock = _EpochClock()
+    clock = EpochClock()
     model.fit(data, epochs=PASSES + 1, batch_size=batch, verbose=0, callbacks=[clock])
     return float(np.median(clock.seconds[1:])) / (len(data) // batch)
 
