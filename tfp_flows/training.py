@@ -136,10 +136,18 @@ def check_base_distribution(base_distribution, event_shape: tuple) -> None:
         )
 
 
+def _drops_remainder(rows: int, batch_size: int, shuffle: bool) -> bool:
+    """Whether a pass over `rows` drops the remainder: shuffled passes do (equal
+    batches, one XLA shape), unless there is not one full batch; unshuffled ones keep
+    it as a last, smaller batch."""
+    return shuffle and rows >= batch_size
+
+
 def batches_per_pass(rows: int, batch_size: int, shuffle: bool) -> int:
-    """The batches in one pass over `rows`: shuffled passes drop the remainder (equal
-    batches, one XLA shape), unshuffled ones keep it as a last, smaller batch."""
-    return rows // batch_size if shuffle and rows >= batch_size else math.ceil(rows / batch_size)
+    """The batches in one pass over `rows` (see `_drops_remainder`)."""
+    if _drops_remainder(rows, batch_size, shuffle):
+        return rows // batch_size
+    return math.ceil(rows / batch_size)
 
 
 class FlowTraining:
@@ -320,7 +328,7 @@ class FlowTraining:
         tensors = tuple(tf.constant(a, self.flow_dtype) for a in arrays)
         rows = len(arrays[0])
         steps = batches_per_pass(rows, batch_size, shuffle)
-        equal = shuffle and rows >= batch_size
+        equal = _drops_remainder(rows, batch_size, shuffle)
         end = min(rows, steps * batch_size)
 
         def epoch(_):
