@@ -119,6 +119,31 @@ def test_glow_initialize_is_explicit_and_keeps_bijections_consistent():
     np.testing.assert_allclose(flow.forward(fresh(tf.constant(z_after))).numpy(), data.numpy(), atol=1e-4)
 
 
+def test_a_chain_initialises_each_glow_from_the_data_reaching_it():
+    """`routing.initialize` on `Chain([Shift, glow_a, glow_b, Scale])`: glow_a's ActNorm from
+    the shifted data, glow_b's from glow_a's latent of it (after glow_a's initialisation)."""
+    from tfp_flows import routing
+    from tfp_flows.flows import glow
+
+    glow_a, glow_b, reference_a, reference_b = (
+        glow([4, 4, 1], levels=1, steps_per_level=1, hidden_channels=4, seed=seed)
+        for seed in (0, 1, 0, 1))
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(3.0, 2.0, size=[32, 4, 4, 1]), tf.float32)
+    routing.initialize(tfb.Chain([tfb.Shift(-1.0), glow_a, glow_b, tfb.Scale(2.0)]), x)
+    reference_a.initialize(x + 1.0)  # Shift(-1)'s inverse adds 1
+    reference_b.initialize(reference_a.inverse(x + 1.0))
+    for flow, reference in ((glow_a, reference_a), (glow_b, reference_b)):
+        assert not flow.needs_initialization
+        np.testing.assert_array_equal(flow.parameter_variables["act_norm_0_0"].numpy(),
+                                      reference.parameter_variables["act_norm_0_0"].numpy())
+    # glow_b saw glow_a's latent, not the data: from the data its values would differ.
+    from_data = glow([4, 4, 1], levels=1, steps_per_level=1, hidden_channels=4, seed=1)
+    from_data.initialize(x + 1.0)
+    assert np.abs(from_data.parameter_variables["act_norm_0_0"].numpy()
+                  - glow_b.parameter_variables["act_norm_0_0"].numpy()).max() > 0.1
+
+
 def test_glow_initialises_on_the_first_fit_batch():
     """With a negligible learning rate, the ActNorm values after one fit step are the init values."""
     from tfp_flows.flows import glow

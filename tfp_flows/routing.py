@@ -92,18 +92,26 @@ def needs_initialization(bijector: tfb.Bijector) -> bool:
     return any(needs_initialization(child) for child in _children(bijector))
 
 
-def initialize(bijector: tfb.Bijector, x, context=None) -> tf.Tensor:
+def initialize(bijector: tfb.Bijector, x, context=None) -> None:
     """Initialise every flow in `bijector` from the batch `x` reaching it (data to latent).
 
-    Returns `bijector.inverse(x)` computed along the way (eagerly). Flows under a
-    `tfb.Invert` would see data in the latent-to-data direction and are left as they are.
+    Eager. A part's latent is computed only when a later part needs it as its input,
+    so a lone flow runs its data-to-latent pass once (the initialisation's own). Flows
+    under a `tfb.Invert` would see data in the latent-to-data direction and are left
+    as they are.
     """
+    _initialize(bijector, x, context, latent_needed=False)
+
+
+def _initialize(bijector: tfb.Bijector, x, context, latent_needed: bool):
+    """`initialize`, returning `bijector.inverse(x)` when `latent_needed`, else None."""
     if isinstance(bijector, Flow):
         flow_context = context if bijector.context_size is not None else None
         bijector.initialize(x, flow_context)
-        return bijector.bijector(flow_context).inverse(x)
-    if not isinstance(bijector, tfb.Invert) and _children(bijector):
-        for child in _children(bijector):
-            x = initialize(child, x, context)
+        return bijector.bijector(flow_context).inverse(x) if latent_needed else None
+    children = [] if isinstance(bijector, tfb.Invert) else _children(bijector)
+    if children:
+        for index, child in enumerate(children):  # a Chain's inverse runs its first part first
+            x = _initialize(child, x, context, latent_needed or index + 1 < len(children))
         return x
-    return bijector.inverse(x, **bijector_kwargs(bijector, context))
+    return bijector.inverse(x, **bijector_kwargs(bijector, context)) if latent_needed else None
