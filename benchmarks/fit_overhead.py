@@ -1,6 +1,6 @@
 """`FlowModel.fit` against a plain `tf.function(jit_compile=True)` loop, per training step.
 
-    python benchmarks/fit_overhead.py [--quick]
+    python benchmarks/fit_overhead.py [--quick] [--only NAME_PART] [--out FILE]
 
 The same `TransformedDistribution` (`model.distribution`) and the same optimizer
 class (tf_keras Adam, lr 1e-3) in both; the plain loop is `nll_adam_step` over
@@ -49,6 +49,8 @@ def workloads(quick: bool):
          toy("8gaussians", 4096, seed=0), 512),
         ("MAF D=8, 5 x [64, 64], batch 512", lambda: flows.maf(8, 5, [64, 64], seed=0), [8],
          eight, 512),
+        ("MAF D=8, 5 x [256, 256], batch 512", lambda: flows.maf(8, 5, [256, 256], seed=0),
+         [8], eight, 512),
         ("RealNVP D=8, 8 x [64, 64], batch 512", lambda: flows.realnvp(8, 8, [64, 64], seed=0),
          [8], eight, 512),
         ("Glow 16x16x3, 2 x 4, hidden 64, batch 32",
@@ -93,6 +95,9 @@ def measure(build, event_shape, data, batch: int, rounds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--only", default="", help="run the workloads whose name contains this")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                      "fit_overhead.md"))
     args = parser.parse_args()
     rounds = 2 if args.quick else 4
     lines = [f"FlowModel.fit vs a plain jit loop, {datetime.date.today()}, {MACHINE}, "
@@ -101,12 +106,14 @@ def main() -> None:
              "plain first step (s) | fit first epoch (s, steps) |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, build, shape, data, batch in workloads(args.quick):
+        if args.only not in name:
+            continue
         r = measure(build, shape, data, batch, rounds)
         lines.append(f"| {name} | {1e3 * r['plain']:.2f} | {1e3 * r['fit']:.2f} | "
                      f"{r['fit'] / r['plain']:.2f}x | {r['plain_first']:.1f} | "
                      f"{r['fit_first_epoch']:.1f} ({r['steps']}) |")
         print(lines[-1], flush=True)
-    publish(lines, os.path.join(os.path.dirname(__file__), "results", "fit_overhead.md"))
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -215,7 +215,9 @@ class FlowModel(FlowTraining, tf_keras.Model):
             functions[key] = tf.function(body, autograph=False)
         return functions[key]
 
-    def train_step(self, data):
+    def _gradients(self, data) -> tuple:
+        """`(nll, finite, pairs)`: the batch's mean NLL, its (gradient, variable) pairs
+        summed over replicas, and whether the loss and every gradient entry are finite."""
         x, context = self._unpack(data)
         variables = self.trainable_variables
         replica = tf.distribute.get_replica_context()
@@ -231,10 +233,62 @@ class FlowModel(FlowTraining, tf_keras.Model):
         finite = tf.math.is_finite(total)
         for g in summed:
             finite = finite & tf.reduce_all(tf.math.is_finite(g))
+        return nll, finite, list(zip(summed, [v for _, v in pairs]))
+
+    def train_step(self, data):
+        nll, finite, pairs = self._gradients(data)
         tf.__internal__.distribute.interim.maybe_merge_call(
-            self._apply_if_finite, self.distribute_strategy, finite,
-            list(zip(summed, [v for _, v in pairs])))
+            self._apply_if_finite, self.distribute_strategy, finite, pairs)
         return self._record(nll)
+
+    # From this many trainable parameters on, `fit` runs `_split_step`. Below it the
+    # second program's launch is not paid back (a prototype, whole `fit` calls: planar
+    # 32, 160 parameters, 4.4 against 3.9 ms per step; MAF 5 x [64, 64], 28 880, 7.95
+    # against 7.76 ms).
+    _SPLIT_STEP_MIN_PARAMETERS = 100_000
+
+    def _splits_step(self) -> bool:
+        """Whether `fit`'s steps run as `_split_step`: under XLA, outside a distribution
+        strategy, with FlowModel's own `train_step`, for a large enough model."""
+        size = sum(v.shape.num_elements() or 0 for v in self.trainable_variables)
+        return (bool(self.jit_compile) and not tf.distribute.has_strategy()
+                and type(self).train_step is FlowModel.train_step
+                and size >= self._SPLIT_STEP_MIN_PARAMETERS)
+
+    def _split_step(self):
+        """The training step as two XLA programs, gradients then the optimizer's update,
+        with the skip of a non-finite step between them in TensorFlow.
+
+        Same steps as `train_step` under XLA; for large models faster, as XLA:CPU runs
+        an optimizer update inside a conditional slower than at the top level, and it
+        compiles the two programs faster than the one with the conditional. Measured in
+        one process, epochs interleaved, per step: MAF 5 x [256, 256] (361 040
+        parameters) 16.4 against 20.8 ms, first epoch 3.4 against 3.8 s; Glow 16x16x3,
+        2 x 4, h64 (161 520) 23.1 against 22.9 ms, first epoch 15.6 against 16.8 s.
+        """
+        variables = []  # those with a gradient, found when `gradients` is traced
+
+        def gradients(data):
+            nll, finite, pairs = self._gradients(data)
+            variables[:] = [v for _, v in pairs]
+            return self._record(nll), finite, [g for g, _ in pairs]
+
+        def apply(grads):
+            self.optimizer.apply_gradients(list(zip(grads, variables)),
+                                           experimental_aggregate_gradients=False)
+            return tf.constant(True)
+
+        gradients = tf.function(gradients, jit_compile=True, autograph=False)
+        apply = tf.function(apply, jit_compile=True, autograph=False)
+
+        def run_step(data):
+            outputs, finite, grads = gradients(data)
+            tf.cond(finite, lambda: apply(grads), lambda: tf.constant(False))
+            with tf.control_dependencies(tf.nest.flatten(outputs)):
+                self._train_counter.assign_add(1)
+            return outputs
+
+        return run_step
 
     def make_train_function(self, force: bool = False):
         """Keras' train function; with several steps per execution, the step traced once.
@@ -252,17 +306,19 @@ class FlowModel(FlowTraining, tf_keras.Model):
                     and not self.autotune_steps_per_execution)):
             return super().make_train_function(force)
         strategy = self.distribute_strategy
+        if self._splits_step():
+            run_step = self._split_step()
+        else:
+            def run_step(data):
+                outputs = self.train_step(data)
+                with tf.control_dependencies(tf.nest.flatten(outputs)):
+                    self._train_counter.assign_add(1)
+                return outputs
 
-        def run_step(data):
-            outputs = self.train_step(data)
-            with tf.control_dependencies(tf.nest.flatten(outputs)):
-                self._train_counter.assign_add(1)
-            return outputs
-
-        # No AutoGraph: the flows use no Python control flow on tensors, and converting
-        # their code took about a sixth of Glow's trace.
-        run_step = tf.function(run_step, jit_compile=bool(self.jit_compile), reduce_retracing=True,
-                               autograph=False)
+            # No AutoGraph: the flows use no Python control flow on tensors, and
+            # converting their code took about a sixth of Glow's trace.
+            run_step = tf.function(run_step, jit_compile=bool(self.jit_compile),
+                                   reduce_retracing=True, autograph=False)
 
         def one_step(iterator):
             outputs = strategy.run(run_step, args=(next(iterator),))
