@@ -204,11 +204,15 @@ class FlowModel(FlowTraining, tf_keras.Model):
             "result", lambda: {m.name: m.result() for m in self._tracked_metrics})
         return super().get_metrics_result() if compiled is None else compiled()
 
+    def _under_strategy(self) -> bool:
+        """Whether the model trains under a distribution strategy (its own, or the one in scope)."""
+        return tf.distribute.has_strategy() or self._distribution_strategy is not None
+
     def _metrics_function(self, key: str, body):
         """`body` as a `tf.function`, made once, or None under a distribution strategy
         (where Keras' own eager calls handle the replicas' sums). Held in a plain dict
         outside Keras' attribute tracking, so that no save route records it."""
-        if tf.distribute.has_strategy() or self._distribution_strategy is not None:
+        if self._under_strategy():
             return None
         functions = self.__dict__.setdefault("_compiled_metric_functions", {})
         if key not in functions:
@@ -251,7 +255,7 @@ class FlowModel(FlowTraining, tf_keras.Model):
         """Whether `fit`'s steps run as `_split_step`: under XLA, outside a distribution
         strategy, with FlowModel's own `train_step`, for a large enough model."""
         size = sum(v.shape.num_elements() or 0 for v in self.trainable_variables)
-        return (bool(self.jit_compile) and not tf.distribute.has_strategy()
+        return (bool(self.jit_compile) and not self._under_strategy()
                 and type(self).train_step is FlowModel.train_step
                 and size >= self._SPLIT_STEP_MIN_PARAMETERS)
 
