@@ -225,13 +225,15 @@ class Chain(keras.layers.Layer):
         """Initialise every part from the batch reaching it (data to latent), eagerly."""
         x = tf.convert_to_tensor(x, self.flow_dtype)
         for index, part in enumerate(self.parts):  # tfb.Chain's inverse runs parts[0] first
-            bijector = part
-            if not isinstance(part, tfb.Bijector):
-                own = context if part.context_size is not None else None
-                part.initialize(x, own)
-                bijector = part.bijector(own)
-            if index + 1 < len(self.parts):  # the next part's input; the last one's is unused
-                x = bijector.inverse(x)
+            last = index + 1 == len(self.parts)  # no later part takes its latent
+            if isinstance(part, tfb.Bijector):
+                if not last:
+                    x = part.inverse(x)
+                continue
+            own = context if part.context_size is not None else None
+            part.initialize(x, own)
+            if not last:
+                x = part.bijector(own).inverse(x)
 
     def bijector(self, context=None) -> tfb.Bijector:
         """The `tfb.Chain` of the parts' bijectors for the current values and `context`."""
