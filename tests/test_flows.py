@@ -6,6 +6,7 @@ import tensorflow_probability as tfp
 import tf_keras
 
 from tfp_flows import definitions, flows
+from tfp_flows.bijectors import Squeeze
 from tfp_flows.flows import Flow
 from flow_checks import autodiff_log_det, fresh
 
@@ -134,3 +135,26 @@ def test_tf_keras_flow_model_points_keras3_layers_to_the_keras3_path():
 
     with pytest.raises(TypeError, match="tfp_flows.keras3 import FlowModel"):
         FlowModel(keras3_flows.planar_flow(2, 2, seed=0), [2])
+
+
+
+@pytest.mark.parametrize("builder", sorted(BUILDERS))
+def test_bijector_hashes_are_tfps_and_computed_once(builder, monkeypatch):
+    """TFP's cache hashes a bijector at every lookup; ours give TFP's value, computed once."""
+    flow, shape = perturbed(builder, tf.float32)
+    parts = [flow, *flow.bijector()._flatten(predicate=lambda o: isinstance(o, tfb.Bijector))]
+    ours = [p for p in parts if type(p).__module__.startswith("tfp_flows")]
+    assert len(ours) >= 2
+    expected = [tfb.Bijector.__hash__(p) for p in ours]
+    assert [hash(p) for p in ours] == expected
+    computed = []
+    tfp_hash = tfb.Bijector.__hash__
+    monkeypatch.setattr(tfb.Bijector, "__hash__", lambda self: computed.append(
+        id(self) if type(self).__module__.startswith("tfp_flows") else None) or tfp_hash(self))
+    assert [hash(p) for p in ours] == expected
+    assert not set(computed) & {id(p) for p in ours}
+    # A pass (its cache lookups hash each bijector several times) computes each of ours once.
+    flow.inverse(tf.zeros([2, *shape]))
+    ours_computed = [i for i in computed if i is not None]
+    assert ours_computed and len(set(ours_computed)) == len(ours_computed)
+    assert Squeeze() == Squeeze() and hash(Squeeze()) == hash(Squeeze())

@@ -1,4 +1,5 @@
 """FlowModel: training with fit (XLA), densities that integrate to 1, export, bad input."""
+import contextlib
 import json
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
 
-from tfp_flows import FlowModel, flows
+from tfp_flows import FlowModel, flows, training
+from tfp_flows import model as model_module
 from tfp_flows.bijectors import Planar
 from tfp_flows.datasets import toy
 
@@ -281,3 +283,47 @@ def test_constructor_checks_bijector_and_base_shapes():
     with pytest.raises(ValueError, match=r"event shape \[3\]; expected .* \[2\]"):
         FlowModel(flows.planar_flow(2, 1), [2],
                   base_distribution=tfd.MultivariateNormalDiag(tf.zeros(3)))
+
+
+def _call_options() -> bytes:
+    from tensorflow.python.eager import context
+    return context.context().function_call_options.config_proto_serialized
+
+
+def test_without_grappler_turns_grappler_off_keeps_the_rest_and_restores():
+    from tensorflow.core.protobuf import config_pb2
+    before = _call_options()
+    with pytest.raises(RuntimeError, match="inside"):
+        with training.without_grappler():
+            inside = config_pb2.ConfigProto.FromString(_call_options())
+            raise RuntimeError("inside")
+    assert _call_options() == before
+    expected = config_pb2.ConfigProto.FromString(before)
+    assert not expected.graph_options.rewrite_options.disable_meta_optimizer
+    expected.graph_options.rewrite_options.disable_meta_optimizer = True
+    assert inside == expected
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_the_epoch_function_skips_grappler_under_xla_with_the_same_steps(jit_compile, monkeypatch):
+    """Under XLA each epoch's call skips Grappler; the weights equal those of a run with it."""
+    x = toy("8gaussians", 512, seed=0)
+    weights, calls = [], []
+
+    def counted():
+        calls.append(1)
+        return training.without_grappler()
+
+    for skip in (counted, contextlib.nullcontext):
+        monkeypatch.setattr(model_module, "without_grappler", skip)
+        tf_keras.utils.set_random_seed(0)
+        flow = tfb.Chain([flows.planar_flow(2, 4, seed=0), flows.maf(2, 2, [16, 16], seed=1)])
+        model = FlowModel(flow, event_shape=[2])
+        model.compile(learning_rate=1e-2, jit_compile=jit_compile)
+        before = _call_options()
+        model.fit(x, epochs=3, batch_size=128, verbose=0)
+        assert _call_options() == before
+        weights.append(model.get_weights())
+    assert len(calls) == (3 if jit_compile else 0)
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)

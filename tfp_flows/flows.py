@@ -16,6 +16,7 @@ import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import cache_util
 
 from tfp_flows import definitions
+from tfp_flows.bijectors._hash import HashedOnce
 from tfp_flows.definitions import Definition
 
 tfb = tfp.bijectors
@@ -23,7 +24,7 @@ tfb = tfp.bijectors
 __all__ = ["Flow", "planar_flow", "radial_flow", "maf", "iaf", "nice", "realnvp", "glow"]
 
 
-class Flow(tfb.Bijector):
+class Flow(HashedOnce, tfb.Bijector):
     """A `Definition` and its `tf.Variable`s; the transform is built per call.
 
     `forward(z, context=None)`, `inverse(x, context=None)` and their log-dets are

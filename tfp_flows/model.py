@@ -27,6 +27,7 @@ from tfp_flows.training import (
     checked_shapes,
     divergence_threshold,  # noqa: F401 (re-exported: tfp_flows.model.divergence_threshold)
     standard_normal,
+    without_grappler,
 )
 
 tfb = tfp.bijectors
@@ -339,6 +340,15 @@ class FlowModel(FlowTraining, tf_keras.Model):
 
         self.train_tf_function = self.train_function = tf.function(
             train_function, reduce_retracing=True, autograph=False)
+        if self.jit_compile:
+            # The steps are XLA programs: the loop around them is left as traced.
+            compiled = self.train_function
+
+            def train_function_without_grappler(iterator):
+                with without_grappler():
+                    return compiled(iterator)
+
+            self.train_function = train_function_without_grappler
         return self.train_function
 
     def _apply_if_finite(self, strategy, finite, grads_and_vars) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from tensorflow_probability.python.bijectors import bijector
 from tensorflow_probability.python.internal import cache_util
 
+from tfp_flows.bijectors._hash import HashedOnce
+
 
 class OnePass:
     """Mixin for a `tfb.Bijector`. Subclasses give
@@ -33,5 +35,5 @@ class OnePass:
         return self._augmented_inverse(x)[1]["ildj"]
 
 
-class OnePassBijector(OnePass, bijector.AutoCompositeTensorBijector):
+class OnePassBijector(HashedOnce, OnePass, bijector.AutoCompositeTensorBijector):
     """A one-pass bijector whose parameters are all tensors (a composite tensor, as TFP's own)."""

@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import cache_util
 
+from tfp_flows.bijectors._hash import HashedOnce
 from tfp_flows.checks import check_positive_integers
 
 tfb = tfp.bijectors
@@ -25,7 +26,7 @@ tfb = tfp.bijectors
 __all__ = ["MaskedAutoregressiveAffine"]
 
 
-class MaskedAutoregressiveAffine(tfb.Bijector):
+class MaskedAutoregressiveAffine(HashedOnce, tfb.Bijector):
     """`x = z exp(s(x)) + t(x)` with autoregressive `(t, s)`; log-det `sum(s(x))`.
 
     `shift_and_log_scale_fn(x, **kwargs)` maps `x [..., event_size]` to

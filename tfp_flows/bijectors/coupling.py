@@ -24,6 +24,7 @@ from tensorflow_probability.python.internal import parameter_properties
 from tensorflow_probability.python.internal import prefer_static as ps
 from tensorflow_probability.python.internal import tensor_util
 
+from tfp_flows.bijectors._hash import HashedOnce
 from tfp_flows.bijectors._one_pass import OnePass
 
 tfb = tfp.bijectors
@@ -60,7 +61,7 @@ def max_log_scale(dtype) -> float:
     return -math.log(float(np.finfo(dtype_util.as_numpy_dtype(dtype)).tiny)) - 1.0
 
 
-class _Coupling(tfb.Bijector):
+class _Coupling(HashedOnce, tfb.Bijector):
     """Shared splitting and conditioner plumbing of the coupling layers."""
 
     def __init__(
@@ -298,7 +299,7 @@ class AffineCoupling(OnePass, _Coupling):
         return z, {"ildj": -self._sum_event(log_scale)}
 
 
-class NICERescale(tfb.Bijector):
+class NICERescale(HashedOnce, tfb.Bijector):
     """NICE's diagonal scaling layer: `x = exp(log_scale) * z`; log-det `sum(log_scale)`.
 
     Acts on the last axis (event_ndims >= 1); the Jacobian is constant in `z`.

@@ -28,6 +28,8 @@ from tensorflow_probability.python.internal import (
     tensor_util,
 )
 
+from tfp_flows.bijectors._hash import HashedOnce
+
 tfb = tfp.bijectors
 
 __all__ = [
@@ -95,7 +97,7 @@ def _map_parameter_assertions(sigma, gamma, eps, name: str) -> list:
     ]
 
 
-class DualAscentMap(tfb.AutoCompositeTensorBijector):
+class DualAscentMap(HashedOnce, tfb.AutoCompositeTensorBijector):
     """Elementwise monotone map `y = a·x + φ0 + γ·√(ε² + (a·x − x0)²)`, `a = 1 − σ`.
 
     Scalar bijector (`forward_min_event_ndims = 0`); the parameters broadcast against
@@ -197,7 +199,7 @@ class DualAscentMap(tfb.AutoCompositeTensorBijector):
             tf.convert_to_tensor(self._eps), "DualAscentMap")
 
 
-class Rotation(tfb.AutoCompositeTensorBijector):
+class Rotation(HashedOnce, tfb.AutoCompositeTensorBijector):
     """`y = U·x` for a fixed orthogonal `U` (`[..., D, D]`), acting on the last axis.
 
     Inverse `x = Uᵀ·y`; log-det exactly 0 (|det U| = 1), so no determinant is computed.
@@ -264,7 +266,7 @@ class Rotation(tfb.AutoCompositeTensorBijector):
                     "given deviation listed below.")]
 
 
-class DualAscentFlow(tfb.AutoCompositeTensorBijector):
+class DualAscentFlow(HashedOnce, tfb.AutoCompositeTensorBijector):
     """T dual-ascent steps `x ← φ_t(U_t·x)`, t = 1..T, run in one `tf.while_loop`.
 
     Exactly `tfb.Chain([DualAscentMap(σ_T, ...), Rotation(U_T), ..., DualAscentMap(σ_1,

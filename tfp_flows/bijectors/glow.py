@@ -18,6 +18,7 @@ from tensorflow_probability.python.internal import parameter_properties
 from tensorflow_probability.python.internal import prefer_static as ps
 from tensorflow_probability.python.internal import tensor_util
 
+from tfp_flows.bijectors._hash import HashedOnce
 from tfp_flows.bijectors._one_pass import OnePass
 from tfp_flows.bijectors.coupling import AffineCoupling
 
@@ -35,7 +36,7 @@ def _check_channels(name: str, x: tf.Tensor, channels: int) -> None:
         )
 
 
-class ActNorm(tfb.Bijector):
+class ActNorm(HashedOnce, tfb.Bijector):
     """Per-channel affine `x = (z + bias) * exp(log_scale)`; log-det `H W sum(log_scale)`.
 
     Acts on the last axis (one entry per channel; any number of leading event axes).
@@ -140,7 +141,7 @@ def rotation_lu(channels: int, seed: int | None = None) -> tuple[np.ndarray, np.
     return permutation, packed, np.sign(diagonal)
 
 
-class Invertible1x1Conv(tfb.Bijector):
+class Invertible1x1Conv(HashedOnce, tfb.Bijector):
     """Invertible 1x1 convolution `x = W z` per position, `W = P L U`.
 
     `permutation` is a constant `C x C` permutation matrix `P`, `L` unit
@@ -273,7 +274,7 @@ class Invertible1x1Conv(tfb.Bijector):
         return tf.reduce_sum(self.log_abs_diagonal)
 
 
-class GlowStep(OnePass, tfb.Bijector):
+class GlowStep(HashedOnce, OnePass, tfb.Bijector):
     """One Glow step, `tfb.Chain([ActNorm, tfb.Invert(Invertible1x1Conv), AffineCoupling])`
     as one bijector.
 
@@ -371,7 +372,7 @@ def _lu_with_partial_pivoting(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return permutation, lower, np.triu(upper)
 
 
-class Squeeze(tfb.Bijector):
+class Squeeze(HashedOnce, tfb.Bijector):
     """2x2 space-to-depth: `[..., H, W, C] -> [..., H/2, W/2, 4C]`; log-det 0.
 
     Output channel `(2 dy + dx) C + c` holds input pixel `(2i + dy, 2j + dx)`, channel

@@ -11,6 +11,7 @@ from tensorflow_probability.python.internal import (
     tensor_util,
 )
 
+from tfp_flows.bijectors._hash import HashedOnce
 from tfp_flows.bijectors._shapes import check_event_size, static_event_size
 from tfp_flows.bijectors.stack import LayerStack
 
@@ -24,7 +25,7 @@ def _norm(v):
     return tf.sqrt(tf.maximum(squared, tiny))
 
 
-class Radial(bijector.AutoCompositeTensorBijector):
+class Radial(HashedOnce, bijector.AutoCompositeTensorBijector):
     """`x = z + β · (z − z₀) / (α + r)`, `r = ‖z − z₀‖`.
 
     A bijection of ℝᴰ for `α > 0` and `β ≥ −α` (checked under `validate_args`).

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_flows.bijectors._hash import HashedOnce
 from tfp_flows.bijectors import (
     ActNorm,
     AffineCoupling,
@@ -34,7 +35,7 @@ tfb = tfp.bijectors
 __all__ = ["glow"]
 
 
-class _ActNormFromData(tfb.Bijector):
+class _ActNormFromData(HashedOnce, tfb.Bijector):
     """ActNorm whose values come from the batch its inverse sees; records them in `found`.
 
     Used once, eagerly, by `Definition.initial_values_from_data`.
