@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import warnings
 from typing import Sequence
@@ -44,6 +45,13 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=8)
+def _options_without_grappler(serialized: bytes, executor_type):
+    config = config_pb2.ConfigProto.FromString(serialized)
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
+    return eager_context.FunctionCallOptions(executor_type=executor_type, config_proto=config)
+
+
 @contextlib.contextmanager
 def without_grappler():
     """Calls of `tf.function`s made in this block, on this thread, skip Grappler.
@@ -55,12 +63,8 @@ def without_grappler():
     """
     context = eager_context.context()
     options = context.function_call_options
-    config = config_pb2.ConfigProto()
-    config.ParseFromString(options.config_proto_serialized)
-    config.graph_options.rewrite_options.disable_meta_optimizer = True
-    changed = copy.copy(options)
-    changed.config_proto_serialized = config
-    context.function_call_options = changed
+    context.function_call_options = copy.copy(_options_without_grappler(
+        options.config_proto_serialized, options.executor_type))
     try:
         yield
     finally:
