@@ -340,8 +340,9 @@ class FlowModel(FlowTraining, tf_keras.Model):
 
         self.train_tf_function = self.train_function = tf.function(
             train_function, reduce_retracing=True, autograph=False)
-        if self.jit_compile:
-            # The steps are XLA programs: the loop around them is left as traced.
+        if self.jit_compile and not self._under_strategy():
+            # The steps are XLA programs: the loop around them is left as traced (on one
+            # device; under a strategy Grappler may still serve the replicas' all-reduce).
             compiled = self.train_function
 
             def train_function_without_grappler(iterator):
