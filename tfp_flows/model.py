@@ -27,7 +27,7 @@ from tfp_flows.training import (
     checked_shapes,
     divergence_threshold,  # noqa: F401 (re-exported: tfp_flows.model.divergence_threshold)
     standard_normal,
-    without_grappler,
+    light_grappler,
 )
 
 tfb = tfp.bijectors
@@ -341,15 +341,15 @@ class FlowModel(FlowTraining, tf_keras.Model):
         self.train_tf_function = self.train_function = tf.function(
             train_function, reduce_retracing=True, autograph=False)
         if self.jit_compile and not self._under_strategy():
-            # The steps are XLA programs: the loop around them is left as traced (on one
-            # device; under a strategy Grappler may still serve the replicas' all-reduce).
+            # The steps are XLA programs: Grappler need not rewrite them (on one device;
+            # under a strategy it may still serve the replicas' all-reduce).
             compiled = self.train_function
 
-            def train_function_without_grappler(iterator):
-                with without_grappler():
+            def train_function_with_light_grappler(iterator):
+                with light_grappler():
                     return compiled(iterator)
 
-            self.train_function = train_function_without_grappler
+            self.train_function = train_function_with_light_grappler
         return self.train_function
 
     def _apply_if_finite(self, strategy, finite, grads_and_vars) -> None:
