@@ -137,7 +137,6 @@ def test_tf_keras_flow_model_points_keras3_layers_to_the_keras3_path():
         FlowModel(keras3_flows.planar_flow(2, 2, seed=0), [2])
 
 
-
 @pytest.mark.parametrize("builder", sorted(BUILDERS))
 def test_bijector_hashes_are_tfps_and_computed_once(builder, monkeypatch):
     """TFP's cache hashes a bijector at every lookup; ours give TFP's value, computed once."""

@@ -453,4 +453,3 @@ def test_mirrored_strategy_on_two_cpus_matches_one_device(fresh_process):
     np.testing.assert_allclose(out["loss2"], out["loss1"], rtol=1e-5)
     np.testing.assert_allclose(out["lp2"], out["lp1"], rtol=1e-5, atol=1e-5)
     assert out["loss2"][-1] < out["loss2"][0]
-

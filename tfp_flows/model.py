@@ -26,8 +26,8 @@ from tfp_flows.training import (
     check_base_distribution,
     checked_shapes,
     divergence_threshold,  # noqa: F401 (re-exported: tfp_flows.model.divergence_threshold)
-    standard_normal,
     light_grappler,
+    standard_normal,
 )
 
 tfb = tfp.bijectors
@@ -289,11 +289,15 @@ class FlowModel(FlowTraining, tf_keras.Model):
         def run_step(data):
             outputs, finite, grads = gradients(data)
             tf.cond(finite, lambda: apply(grads), lambda: tf.constant(False))
-            with tf.control_dependencies(tf.nest.flatten(outputs)):
-                self._train_counter.assign_add(1)
-            return outputs
+            return self._counted(outputs)
 
         return run_step
+
+    def _counted(self, outputs):
+        """`outputs`, once Keras' step counter has counted the step that made them."""
+        with tf.control_dependencies(tf.nest.flatten(outputs)):
+            self._train_counter.assign_add(1)
+        return outputs
 
     def make_train_function(self, force: bool = False):
         """Keras' train function; with several steps per execution, the step traced once.
@@ -315,10 +319,7 @@ class FlowModel(FlowTraining, tf_keras.Model):
             run_step = self._split_step()
         else:
             def run_step(data):
-                outputs = self.train_step(data)
-                with tf.control_dependencies(tf.nest.flatten(outputs)):
-                    self._train_counter.assign_add(1)
-                return outputs
+                return self._counted(self.train_step(data))
 
             # No AutoGraph: the flows use no Python control flow on tensors, and
             # converting their code took about a sixth of Glow's trace.

@@ -15,7 +15,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_flows.bijectors._hash import HashedOnce
 from tfp_flows.bijectors import (
     ActNorm,
     AffineCoupling,
@@ -25,6 +24,7 @@ from tfp_flows.bijectors import (
     factor_out,
     rotation_lu,
 )
+from tfp_flows.bijectors._hash import HashedOnce
 from tfp_flows.checks import check_dtype, check_positive_integer, check_seed, check_shape
 from tfp_flows.definitions.core import Definition, Parameter, definition, json_arguments, seeded_rng
 from tfp_flows.definitions.coupling import conditioner
