@@ -453,3 +453,60 @@ def test_mirrored_strategy_on_two_cpus_matches_one_device(fresh_process):
     np.testing.assert_allclose(out["loss2"], out["loss1"], rtol=1e-5)
     np.testing.assert_allclose(out["lp2"], out["lp1"], rtol=1e-5, atol=1e-5)
     assert out["loss2"][-1] < out["loss2"][0]
+
+
+def _iterations_at_epoch_ends(front: str):
+    """A callback of `front`'s Keras that records the optimizer's step count at each epoch's end."""
+    base = keras.callbacks.Callback if front == "keras3" else tf_keras.callbacks.Callback
+
+    class IterationsAtEpochEnds(base):
+        def on_train_begin(self, logs=None):
+            self.seen = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seen.append(int(np.asarray(self.model.optimizer.iterations)))
+
+    return IterationsAtEpochEnds()
+
+
+@pytest.mark.parametrize("front", ["keras3", "tf_keras"])
+@pytest.mark.parametrize("rows, steps_per_epoch, steps_per_execution, per_call", [
+    (320, None, "epoch", 10),  # an epoch is one pass: one call
+    (320, 7, "epoch", 7),  # the caller's epochs of the endless stream of passes
+    (320, 7, 7, 7),
+    (64, 2500, "epoch", 1250),  # past 1000 steps: equal calls that end with the epoch
+])
+def test_every_epoch_runs_exactly_its_steps(front, rows, steps_per_epoch, steps_per_execution,
+                                            per_call):
+    x = toy("8gaussians", rows, seed=1)
+    if front == "keras3":
+        model = FlowModel(flows.planar_flow(2, 2, seed=0), [2])
+    else:
+        model = tfp_flows.FlowModel(tf_flows.planar_flow(2, 2, seed=0), [2])
+    model.compile(steps_per_execution=steps_per_execution)
+    counter = _iterations_at_epoch_ends(front)
+    kwargs = {} if steps_per_epoch is None else {"steps_per_epoch": steps_per_epoch}
+    history = model.fit(x, epochs=2, batch_size=32, verbose=0, callbacks=[counter], **kwargs)
+    steps = steps_per_epoch or rows // 32
+    assert counter.seen == [steps, 2 * steps]
+    assert len(history.history["loss"]) == 2 and np.all(np.isfinite(history.history["loss"]))
+    calls = (model.steps_per_execution if front == "keras3"
+             else int(model._steps_per_execution.numpy()))
+    assert calls == per_call
+
+
+def test_tf_keras_runs_a_last_shorter_call_and_keras3_refuses_one():
+    """tf_keras shortens an epoch's last call itself; Keras 3 would run it whole into the
+    next epoch, so a `steps_per_execution` that does not divide the epoch is refused."""
+    x = toy("8gaussians", 320, seed=1)
+    model = tfp_flows.FlowModel(tf_flows.planar_flow(2, 2, seed=0), [2])
+    model.compile(steps_per_execution=3)
+    model.fit(x, epochs=2, batch_size=32, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 20
+    model = FlowModel(flows.planar_flow(2, 2, seed=0), [2])
+    model.compile(steps_per_execution=3)
+    before = [np.array(w) for w in model.get_weights()]
+    with pytest.raises(ValueError, match=r"`steps_per_execution` must divide the 10 steps.*given 3"):
+        model.fit(x, epochs=2, batch_size=32, verbose=0)
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(old, new)

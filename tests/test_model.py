@@ -15,6 +15,7 @@ from tfp_flows import FlowModel, flows, training
 from tfp_flows import model as model_module
 from tfp_flows.bijectors import Planar
 from tfp_flows.datasets import toy
+from tfp_flows.training import steps_per_execution_for
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -334,3 +335,16 @@ def test_the_epoch_function_runs_a_light_grappler_under_xla_with_the_same_steps(
     assert len(calls) == (3 if jit_compile and not strategy else 0)
     for a, b in zip(*weights):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("epoch_steps, per_call", [
+    (None, 1), (1, 1), (8, 8), (1000, 1000), (1001, 1001), (1500, 1500), (2500, 1250),
+    (3000, 1000), (1009, 1009), (2 * 1009, 1009), (1_000_003, 1_000_003),
+])
+def test_steps_per_call_divide_the_epoch(epoch_steps, per_call):
+    """`steps_per_execution="epoch"`: the whole epoch up to 1000 steps, past it the
+    smallest divisor of the epoch's steps from 1000 up (so no call crosses an epoch's end)."""
+    assert steps_per_execution_for(epoch_steps) == per_call
+    if epoch_steps is not None:
+        assert epoch_steps % per_call == 0
+        assert per_call >= min(epoch_steps, 1000)

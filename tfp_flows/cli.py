@@ -569,7 +569,9 @@ def _run(args, train: np.ndarray, test: np.ndarray, temp: str, run: dict, resume
     with _Stop() as stop:
         tf_keras.utils.set_random_seed(args.seed)
         model = FlowModel(_build_bijector(args, event_size), event_shape=[event_size])
-        model.compile(optimizer=tf_keras.optimizers.Adam(args.lr), jit_compile=not args.no_jit)
+        # One step per call, so that a signal stops training after the current batch.
+        model.compile(optimizer=tf_keras.optimizers.Adam(args.lr), jit_compile=not args.no_jit,
+                      steps_per_execution=1)
         model.optimizer.build(model.trainable_variables)
         stop.model = model
         state = _TrainingState(model, os.path.join(temp, "checkpoints", "training"))

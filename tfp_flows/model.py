@@ -28,6 +28,7 @@ from tfp_flows.training import (
     divergence_threshold,  # noqa: F401 (re-exported: tfp_flows.model.divergence_threshold)
     light_grappler,
     standard_normal,
+    steps_per_execution_for,
 )
 
 tfb = tfp.bijectors
@@ -386,9 +387,11 @@ class FlowModel(FlowTraining, tf_keras.Model):
         `optimizer`: a name or a tf_keras optimizer; by name it is always the same
         class (`tf_keras.optimizers.get(name)`, e.g. `tf_keras.optimizers.Adam`),
         `learning_rate` setting its step size (finite, > 0). `steps_per_execution`:
-        `"epoch"` (default) runs a whole epoch's batches in one compiled call when
-        training on arrays (Keras' progress bar and epoch-level callbacks unchanged;
-        batch-level callbacks then see one call per epoch), or an integer as in Keras.
+        `"epoch"` (default) runs a whole epoch's batches in one compiled call when the
+        epoch's length is known (arrays, or a dataset with `steps_per_epoch`; past 1000
+        steps, equal calls of the smallest divisor of the epoch's steps from 1000 up).
+        Keras' progress bar and epoch-level callbacks are unchanged; batch-level
+        callbacks then see one call per epoch. Or an integer as in Keras.
         """
         if kwargs.pop("from_serialized", False):
             # tf_keras' SavedModel-folder loader recompiles with a fresh optimizer.
@@ -509,9 +512,10 @@ class FlowModel(FlowTraining, tf_keras.Model):
     def _refuse_callback(self, callback) -> None:
         _refuse_keras3(callback, "callbacks", "callbacks")
 
-    def _prepare_fit(self, train: tf.data.Dataset, steps: int) -> None:
+    def _prepare_fit(self, train: tf.data.Dataset, epoch_steps: int | None) -> None:
         """Compile if needed, check the trainable variables, run the flows' data-dependent
-        initialisations on the first training batch, build the optimizer."""
+        initialisations on the first training batch, build the optimizer; under
+        `steps_per_execution="epoch"` set the steps per call from the epoch's."""
         if not self._is_compiled:
             self.compile()
         self._check_trainable()
@@ -519,7 +523,7 @@ class FlowModel(FlowTraining, tf_keras.Model):
             routing.initialize(self.bijector, *self._first_batch(train))
         self._build_optimizer()
         if self._auto_steps:
-            self._steps_per_execution.assign(steps)
+            self._steps_per_execution.assign(steps_per_execution_for(epoch_steps))
 
     def _build_optimizer(self) -> None:
         """Create the optimizer's slots now, so a skipped step creates nothing in a branch;

@@ -42,6 +42,7 @@ __all__ = [
     "checked_shapes",
     "divergence_threshold",
     "standard_normal",
+    "steps_per_execution_for",
 ]
 
 
@@ -186,15 +187,38 @@ def batches_per_pass(rows: int, batch_size: int, shuffle: bool) -> int:
     return math.ceil(rows / batch_size)
 
 
+# Under `steps_per_execution="epoch"`, an epoch of up to this many steps runs as one call.
+_STEPS_PER_CALL = 1000
+
+
+def steps_per_execution_for(epoch_steps: int | None) -> int:
+    """The steps of one compiled call under `steps_per_execution="epoch"`.
+
+    The whole epoch up to 1000 steps; a longer epoch in equal calls, of its smallest
+    divisor from 1000 up (Keras 3 runs whole calls, so one that crossed the epoch's end
+    would take the next epoch's batches); 1 when the epoch's length is unknown (a
+    dataset without `steps_per_epoch`).
+    """
+    if epoch_steps is None:
+        return 1
+    if epoch_steps <= _STEPS_PER_CALL:
+        return epoch_steps
+    divisors = set()
+    for d in range(1, math.isqrt(epoch_steps) + 1):
+        if epoch_steps % d == 0:
+            divisors.update((d, epoch_steps // d))
+    return min(d for d in divisors if d >= _STEPS_PER_CALL)
+
+
 class FlowTraining:
     """What both `FlowModel`s share; placed before the Keras model class in the bases.
 
     The model provides `_event_shape`, `_context_shape`, `_event_size`,
     `base_distribution`, `metrics` (the `loss`, `nll` and `bits_per_dim` means), and:
     `_log_prob(x, context)`, `_forward(z, context=None)`, `_inverse(x, context=None)`,
-    `_export_variables()`, `_refuse_callback(callback)`, `_prepare_fit(train, steps)`
-    (compile, check, initialise, build the optimizer; `steps` the batches a compiled
-    call runs when `steps_per_execution="epoch"`), `_early_stopping_class` (its
+    `_export_variables()`, `_refuse_callback(callback)`, `_prepare_fit(train, epoch_steps)`
+    (compile, check, initialise, build the optimizer; `epoch_steps` the steps of an
+    epoch, None when unknown), `_early_stopping_class` (its
     Keras' `EarlyStopping`), `_guard_class` (an `EpochGuard` callback) and
     `_casts_datasets` (whether a dataset of another float dtype is cast to the flow's,
     rather than refused).
@@ -434,7 +458,10 @@ class FlowTraining:
         if not isinstance(shuffle, bool):
             raise TypeError(f"`shuffle` must be True or False; given {shuffle!r}.")
 
-        steps = None
+        epoch_steps = kwargs.get("steps_per_epoch")
+        if epoch_steps is not None:
+            epoch_steps = kwargs["steps_per_epoch"] = check_positive_integer(
+                "steps_per_epoch", epoch_steps)
         if isinstance(x, tf.data.Dataset):
             if validation_split:
                 raise ValueError(
@@ -455,18 +482,17 @@ class FlowTraining:
                 validation_data = tuple(a[-held_out:] for a in arrays)
                 arrays = tuple(a[:-held_out] for a in arrays)
             batch_size = batch_size or 32
-            rows = len(arrays[0])
-            steps = batches_per_pass(rows, batch_size, shuffle)
-            # One pass over the rows is an epoch: an endless dataset and its length as
-            # `steps_per_epoch`, unless the caller chose `steps_per_epoch` themselves.
-            endless = kwargs.get("steps_per_epoch") is None
-            if endless:
-                kwargs["steps_per_epoch"] = steps
-            train = self._batched(arrays, batch_size, shuffle, repeat=endless)
+            # One endless stream of reshuffled passes over the rows, so that Keras keeps
+            # one iterator for the call; an epoch is one pass, or the caller's
+            # `steps_per_epoch` batches of the stream (as tf_keras does with arrays).
+            if epoch_steps is None:
+                epoch_steps = kwargs["steps_per_epoch"] = batches_per_pass(
+                    len(arrays[0]), batch_size, shuffle)
+            train = self._batched(arrays, batch_size, shuffle, repeat=True)
         if validation_data is not None:
             validation_data = self._validation(validation_data)
 
-        self._prepare_fit(train, max(1, min(steps or 1, 1000)))
+        self._prepare_fit(train, epoch_steps)
         early_stopping = None
         if patience is not None:
             monitor = "loss" if validation_data is None else "val_loss"

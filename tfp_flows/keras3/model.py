@@ -17,6 +17,7 @@ from tfp_flows.training import (
     check_base_distribution,
     checked_shapes,
     standard_normal,
+    steps_per_execution_for,
 )
 
 tfb = tfp.bijectors
@@ -213,8 +214,9 @@ class FlowModel(FlowTraining, keras.Model):
         `optimizer`: `"adam"` (always `keras.optimizers.Adam`, `learning_rate` its step
         size, finite and > 0) or a Keras 3 optimizer (with a float or a
         `keras.optimizers.schedules` learning rate). `steps_per_execution="epoch"`
-        (default) runs a whole epoch's batches per call when training on arrays, as
-        `tfp_flows.FlowModel` does; or an integer as in Keras.
+        (default) runs a whole epoch's batches per call when the epoch's length is
+        known, as `tfp_flows.FlowModel` does; or an integer, which must divide the
+        epoch's steps (Keras 3 runs every call whole).
         """
         refuse_tf_keras(optimizer, "optimizer", "keras.optimizers.Adam")
         if learning_rate is not None:
@@ -303,11 +305,22 @@ class FlowModel(FlowTraining, keras.Model):
     def _refuse_callback(self, callback) -> None:
         refuse_tf_keras(callback, "callbacks", "keras.callbacks")
 
-    def _prepare_fit(self, train: tf.data.Dataset, steps: int) -> None:
-        """Compile if needed, check there is something to train, run the flow's
-        data-dependent initialisations on the first training batch, build the optimizer."""
+    def _prepare_fit(self, train: tf.data.Dataset, epoch_steps: int | None) -> None:
+        """Compile if needed, check there is something to train and that the calls fit the
+        epoch, run the flow's data-dependent initialisations on the first training batch,
+        build the optimizer; under `steps_per_execution="epoch"` set the steps per call."""
         if self.optimizer is None:
             self.compile()
+        if (not self._auto_steps and epoch_steps is not None
+                and epoch_steps % self.steps_per_execution):
+            # Keras 3 runs every call whole: one crossing the epoch's end would take the
+            # next epoch's batches (or run past the data), silently.
+            raise ValueError(
+                f"`steps_per_execution` must divide the {epoch_steps} steps of an epoch "
+                "(Keras 3 runs whole calls, so the last would run into the next epoch); "
+                f"given {self.steps_per_execution}. Use a divisor of {epoch_steps}, or "
+                "'epoch'."
+            )
         if not self.trainable_variables:
             raise RuntimeError("The flow has no trainable variables: fit would train nothing.")
         if self.flow.needs_initialization:
@@ -315,6 +328,7 @@ class FlowModel(FlowTraining, keras.Model):
         if not self.optimizer.built:
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.trainable_variables)
+        steps = steps_per_execution_for(epoch_steps)
         if self._auto_steps and steps != self.steps_per_execution:
             self.steps_per_execution = steps
             self.train_function = None
