@@ -8,14 +8,20 @@ import tf_keras
 
 
 class EpochClock(tf_keras.callbacks.Callback):
-    """`seconds`: the wall time of each epoch of the latest `fit` call, from
-    `on_epoch_begin` to `on_epoch_end`."""
+    """`seconds`: the wall time of each epoch of the latest `fit` call. The first runs
+    from its `on_epoch_begin` to its `on_epoch_end`; every later one from the previous
+    epoch's `on_epoch_end` to its own, so that it holds all of Keras' work between
+    epochs too (the metrics' reset, the data handler, the epoch-begin hooks)."""
 
     def on_train_begin(self, logs=None):
         self.seconds = []
+        self._last_end = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
+        if self._last_end is None:
+            self._last_end = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self.start)
+        now = time.perf_counter()
+        self.seconds.append(now - self._last_end)
+        self._last_end = now
