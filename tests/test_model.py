@@ -234,6 +234,10 @@ def test_fit_refuses_bad_validation_data_and_labels(small_model):
     nan_dataset = tf.data.Dataset.from_tensor_slices(np.full((8, 2), np.nan, np.float32)).batch(4)
     with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or inf"):
         small_model.fit(nan_dataset, verbose=0)
+    for steps in (0, -3, 2.5, "7"):
+        error = ValueError if isinstance(steps, int) else TypeError
+        with pytest.raises(error, match=r"`steps_per_epoch` must be a positive integer; given "):
+            small_model.fit(x, steps_per_epoch=steps, verbose=0)
 
 
 def test_non_finite_loss_stops_training_and_keeps_finite_weights(small_model):
