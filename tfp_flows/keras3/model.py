@@ -328,10 +328,11 @@ class FlowModel(FlowTraining, keras.Model):
         if not self.optimizer.built:
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.trainable_variables)
-        steps = steps_per_execution_for(epoch_steps)
-        if self._auto_steps and steps != self.steps_per_execution:
-            self.steps_per_execution = steps
-            self.train_function = None
+        if self._auto_steps:
+            steps = steps_per_execution_for(epoch_steps)
+            if steps != self.steps_per_execution:
+                self.steps_per_execution = steps
+                self.train_function = None
 
     # --- configuration --------------------------------------------------------------------
 
