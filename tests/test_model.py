@@ -352,3 +352,27 @@ def test_steps_per_call_divide_the_epoch(epoch_steps, per_call):
     if epoch_steps is not None:
         assert epoch_steps % per_call == 0
         assert per_call >= min(epoch_steps, 1000)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_all_finite_checks_every_entry_of_every_tensor(jit_compile):
+    """The step's skip test: false for one NaN or inf anywhere (any shape, any position
+    in the list); a float64 tensor is checked as float64 (1e300 is finite there,
+    and would be inf as float32)."""
+    check = tf.function(training.all_finite, jit_compile=jit_compile)
+
+    def tensors(dtype=np.float32):
+        return [np.array(1.5, np.float32), np.ones([3, 4], np.float32), np.zeros([5], dtype),
+                np.full([2, 2, 2], -2.0, np.float32)]
+
+    assert bool(check([tf.constant(t) for t in tensors()]))
+    for position in range(4):
+        for bad in (np.nan, np.inf, -np.inf):
+            ts = tensors()
+            ts[position].reshape(-1)[-1] = bad
+            assert not bool(check([tf.constant(t) for t in ts])), (position, bad)
+    mixed = tensors(np.float64)
+    mixed[2][1] = 1e300
+    assert bool(check([tf.constant(t) for t in mixed]))
+    mixed[2][0] = np.nan
+    assert not bool(check([tf.constant(t) for t in mixed]))

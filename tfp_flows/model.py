@@ -23,6 +23,7 @@ from tfp_flows.training import (
     DivergenceWarning,
     EpochGuard,
     FlowTraining,
+    all_finite,
     check_base_distribution,
     checked_shapes,
     divergence_threshold,  # noqa: F401 (re-exported: tfp_flows.model.divergence_threshold)
@@ -236,10 +237,7 @@ class FlowModel(FlowTraining, tf_keras.Model):
         # that every replica sees the same sums and takes the same decision.
         total, *summed = replica.all_reduce(tf.distribute.ReduceOp.SUM,
                                             [scaled] + [g for g, _ in pairs])
-        finite = tf.math.is_finite(total)
-        for g in summed:
-            finite = finite & tf.reduce_all(tf.math.is_finite(g))
-        return nll, finite, list(zip(summed, [v for _, v in pairs]))
+        return nll, all_finite([total] + summed), list(zip(summed, [v for _, v in pairs]))
 
     def train_step(self, data):
         nll, finite, pairs = self._gradients(data)

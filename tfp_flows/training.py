@@ -37,6 +37,7 @@ __all__ = [
     "DivergenceWarning",
     "EpochGuard",
     "FlowTraining",
+    "all_finite",
     "batches_per_pass",
     "check_base_distribution",
     "checked_shapes",
@@ -140,6 +141,21 @@ class EpochGuard:
                 f"point lies outside what the model learned); training stopped.{restored}",
                 RuntimeWarning, stacklevel=2,
             )
+
+
+def all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Whether every entry of every tensor is finite, as one boolean.
+
+    One `is_finite` per dtype over the tensors flattened and joined, not one per
+    tensor: XLA's compile makes a kernel of each `is_finite` node (about 4 ms of
+    compile each on these CPUs), where the joined check is one reduction.
+    """
+    by_dtype = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tf.reshape(tensor, [-1]))
+    checks = [tf.reduce_all(tf.math.is_finite(tf.concat(flat, axis=0)))
+              for flat in by_dtype.values()]
+    return checks[0] if len(checks) == 1 else tf.reduce_all(tf.stack(checks))
 
 
 def standard_normal(event_shape: Sequence[int], dtype: tf.DType) -> tfd.Distribution:

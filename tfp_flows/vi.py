@@ -45,6 +45,7 @@ from tfp_flows.checks import (
     check_positive_number,
     check_seed,
 )
+from tfp_flows.training import all_finite
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -190,7 +191,7 @@ class _Adam:
                 # loses its triangular Jacobian and its log-det formula becomes wrong.
                 candidate = variable.constraint(candidate)
             candidates.append(candidate)
-        finite_result = tf.reduce_all([tf.reduce_all(tf.math.is_finite(c)) for c in candidates])
+        finite_result = all_finite(candidates)
         status = tf.where(
             ~finite_inputs, _NONFINITE_LOSS,
             tf.where(~valid_rate, _BAD_LEARNING_RATE, tf.where(~finite_result, _NONFINITE_UPDATE, _APPLIED)),

@@ -14,6 +14,7 @@ from tfp_flows.serialization import distribution_config, distribution_from_confi
 from tfp_flows.training import (
     EpochGuard,
     FlowTraining,
+    all_finite,
     check_base_distribution,
     checked_shapes,
     standard_normal,
@@ -166,11 +167,8 @@ class FlowModel(FlowTraining, keras.Model):
             nll, gradients = self._nll_and_gradients(x, context, replicas)
         else:
             nll, gradients = self._replica_step(x, context, replicas)
-        bad = tf.cast(tf.logical_not(tf.math.is_finite(nll)), tf.int32)
-        for g in gradients:
-            if g is not None:
-                bad += tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(g))), tf.int32)
         pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+        bad = tf.cast(tf.logical_not(all_finite([nll] + [g for g, _ in pairs])), tf.int32)
         # A non-finite step is skipped whole: weights, optimizer variables and iterations stay.
         if replicas == 1:
             tf.cond(bad == 0, lambda: self._apply(pairs), lambda: tf.constant(False))
