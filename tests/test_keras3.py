@@ -229,6 +229,17 @@ def test_non_finite_steps_change_nothing(trained):
         np.testing.assert_array_equal(before, keras.ops.convert_to_numpy(v))
 
 
+def test_large_models_split_the_step_under_xla():
+    """The rule: 100 000 trainable parameters or more, XLA, no strategy, our train_step."""
+    large = FlowModel(flows.maf(8, 5, [256, 256], seed=0), [8])
+    large.compile()
+    small = FlowModel(flows.maf(8, 5, [64, 64], seed=0), [8])
+    small.compile()
+    assert large._splits_step() and not small._splits_step()
+    large.compile(jit_compile=False)
+    assert not large._splits_step()
+
+
 def test_non_finite_validation_stops_with_a_warning(eight_gaussians):
     model = FlowModel(flows.nice(2, 2, hidden_units=[8], seed=0), [2])
     model.compile(learning_rate=1e-2, jit_compile=False)

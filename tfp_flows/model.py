@@ -207,10 +207,6 @@ class FlowModel(FlowTraining, tf_keras.Model):
             "result", lambda: {m.name: m.result() for m in self._tracked_metrics})
         return super().get_metrics_result() if compiled is None else compiled()
 
-    def _under_strategy(self) -> bool:
-        """Whether the model trains under a distribution strategy (its own, or the one in scope)."""
-        return tf.distribute.has_strategy() or self._distribution_strategy is not None
-
     def _metrics_function(self, key: str, body):
         """`body` as a `tf.function`, made once, or None under a distribution strategy
         (where Keras' own eager calls handle the replicas' sums). Held in a plain dict
@@ -245,52 +241,13 @@ class FlowModel(FlowTraining, tf_keras.Model):
             self._apply_if_finite, self.distribute_strategy, finite, pairs)
         return self._record(nll)
 
-    # From this many trainable parameters on, `fit` runs `_split_step`. Below it the
-    # second program's launch is not paid back (a prototype, whole `fit` calls: planar
-    # 32, 160 parameters, 4.4 against 3.9 ms per step; MAF 5 x [64, 64], 28 880, 7.95
-    # against 7.76 ms).
-    _SPLIT_STEP_MIN_PARAMETERS = 100_000
+    def _runs_own_train_step(self) -> bool:
+        return type(self).train_step is FlowModel.train_step
 
-    def _splits_step(self) -> bool:
-        """Whether `fit`'s steps run as `_split_step`: under XLA, outside a distribution
-        strategy, with FlowModel's own `train_step`, for a large enough model."""
-        size = sum(v.shape.num_elements() or 0 for v in self.trainable_variables)
-        return (bool(self.jit_compile) and not self._under_strategy()
-                and type(self).train_step is FlowModel.train_step
-                and size >= self._SPLIT_STEP_MIN_PARAMETERS)
-
-    def _split_step(self):
-        """The training step as two XLA programs, gradients then the optimizer's update,
-        with the skip of a non-finite step between them in TensorFlow.
-
-        Same steps as `train_step` under XLA; for large models faster, as XLA:CPU runs
-        an optimizer update inside a conditional slower than at the top level, and it
-        compiles the two programs faster than the one with the conditional. Measured in
-        one process, epochs interleaved, per step: MAF 5 x [256, 256] (361 040
-        parameters) 16.4 against 20.8 ms, first epoch 3.4 against 3.8 s; Glow 16x16x3,
-        2 x 4, h64 (161 520) 23.1 against 22.9 ms, first epoch 15.6 against 16.8 s.
-        """
-        variables = []  # those with a gradient, found when `gradients` is traced
-
-        def gradients(data):
-            nll, finite, pairs = self._gradients(data)
-            variables[:] = [v for _, v in pairs]
-            return self._record(nll), finite, [g for g, _ in pairs]
-
-        def apply(grads):
-            self.optimizer.apply_gradients(list(zip(grads, variables)),
-                                           experimental_aggregate_gradients=False)
-            return tf.constant(True)
-
-        gradients = tf.function(gradients, jit_compile=True, autograph=False)
-        apply = tf.function(apply, jit_compile=True, autograph=False)
-
-        def run_step(data):
-            outputs, finite, grads = gradients(data)
-            tf.cond(finite, lambda: apply(grads), lambda: tf.constant(False))
-            return self._counted(outputs)
-
-        return run_step
+    def _apply(self, pairs):
+        """The optimizer's update from (gradient, variable) pairs already summed over replicas."""
+        self.optimizer.apply_gradients(pairs, experimental_aggregate_gradients=False)
+        return tf.constant(True)
 
     def _counted(self, outputs):
         """`outputs`, once Keras' step counter has counted the step that made them."""
@@ -315,7 +272,10 @@ class FlowModel(FlowTraining, tf_keras.Model):
             return super().make_train_function(force)
         strategy = self.distribute_strategy
         if self._splits_step():
-            run_step = self._split_step()
+            split_step = self._split_step()
+
+            def run_step(data):
+                return self._counted(split_step(data))
         else:
             def run_step(data):
                 return self._counted(self.train_step(data))
@@ -356,19 +316,15 @@ class FlowModel(FlowTraining, tf_keras.Model):
         """Apply the step, or skip it whole when `finite` is false (weights, optimizer slots
         and `iterations` stay). Under strategies that synchronise by `merge_call` this runs
         in cross-replica context: a replica cannot synchronise inside a branch of its own."""
-        def apply_gradients(pairs):
-            self.optimizer.apply_gradients(pairs, experimental_aggregate_gradients=False)
-
         if tf.distribute.in_cross_replica_context():
             finite = strategy.experimental_local_results(finite)[0]
 
             def apply():
-                strategy.extended.call_for_each_replica(apply_gradients, args=(grads_and_vars,))
+                strategy.extended.call_for_each_replica(self._apply, args=(grads_and_vars,))
                 return tf.constant(True)
         else:
             def apply():
-                apply_gradients(grads_and_vars)
-                return tf.constant(True)
+                return self._apply(grads_and_vars)
 
         tf.cond(finite, apply, lambda: tf.constant(False))
 

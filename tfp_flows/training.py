@@ -232,7 +232,9 @@ class FlowTraining:
     The model provides `_event_shape`, `_context_shape`, `_event_size`,
     `base_distribution`, `metrics` (the `loss`, `nll` and `bits_per_dim` means), and:
     `_log_prob(x, context)`, `_forward(z, context=None)`, `_inverse(x, context=None)`,
-    `_export_variables()`, `_refuse_callback(callback)`, `_prepare_fit(train, epoch_steps)`
+    `_export_variables()`, `_refuse_callback(callback)`, `_gradients(data)` (a replica's
+    `(nll, finite, (gradient, variable) pairs)`), `_apply(pairs)` (the optimizer's update),
+    `_runs_own_train_step()`, `_prepare_fit(train, epoch_steps)`
     (compile, check, initialise, build the optimizer; `epoch_steps` the steps of an
     epoch, None when unknown), `_early_stopping_class` (its
     Keras' `EarlyStopping`), `_guard_class` (an `EpochGuard` callback) and
@@ -333,6 +335,56 @@ class FlowTraining:
         mean_nll.update_state(nll)
         bits_per_dim.update_state(nll / (self._event_size * math.log(2.0)))
         return {m.name: m.result() for m in self.metrics}
+
+    # From this many trainable parameters on, `fit` runs `_split_step`. Below it the
+    # second program's launch is not paid back (a prototype, whole `fit` calls: planar
+    # 32, 160 parameters, 4.4 against 3.9 ms per step; MAF 5 x [64, 64], 28 880, 7.95
+    # against 7.76 ms).
+    _SPLIT_STEP_MIN_PARAMETERS = 100_000
+
+    def _under_strategy(self) -> bool:
+        """Whether the model trains under a distribution strategy: the one in scope, or its
+        own (that of the scope it was made in; otherwise TensorFlow's default strategy)."""
+        return (tf.distribute.has_strategy()
+                or self.distribute_strategy is not tf.distribute.get_strategy())
+
+    def _splits_step(self) -> bool:
+        """Whether `fit`'s steps run as `_split_step`: compiled with XLA, outside a
+        distribution strategy, with the model's own `train_step`, for a large enough model."""
+        size = sum(math.prod(v.shape) for v in self.trainable_variables)
+        return (bool(self.jit_compile) and not self.run_eagerly and not self._under_strategy()
+                and self._runs_own_train_step() and size >= self._SPLIT_STEP_MIN_PARAMETERS)
+
+    def _split_step(self):
+        """The training step as two XLA programs, gradients then the optimizer's update,
+        with the skip of a non-finite step between them in TensorFlow.
+
+        Same steps as `train_step` under XLA; for large models faster, as XLA:CPU runs
+        an optimizer update inside a conditional slower than at the top level, and it
+        compiles the two programs faster than the one with the conditional. Measured in
+        one process, epochs interleaved, per step (tf_keras): MAF 5 x [256, 256]
+        (361 040 parameters) 16.4 against 20.8 ms, first epoch 3.4 against 3.8 s; Glow
+        16x16x3, 2 x 4, h64 (161 520) 23.1 against 22.9 ms, first epoch 15.6 against 16.8 s.
+        """
+        variables = []  # those with a gradient, found when `gradients` is traced
+
+        def gradients(data):
+            nll, finite, pairs = self._gradients(data)
+            variables[:] = [v for _, v in pairs]
+            return self._record(nll), finite, [g for g, _ in pairs]
+
+        def apply(grads):
+            return self._apply(list(zip(grads, variables)))
+
+        gradients = tf.function(gradients, jit_compile=True, autograph=False)
+        apply = tf.function(apply, jit_compile=True, autograph=False)
+
+        def run_step(data):
+            outputs, finite, grads = gradients(data)
+            tf.cond(finite, lambda: apply(grads), lambda: tf.constant(False))
+            return outputs
+
+        return run_step
 
     def _unpack(self, data):
         if self._context_shape is None:

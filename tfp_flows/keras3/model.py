@@ -159,25 +159,46 @@ class FlowModel(FlowTraining, keras.Model):
         return [self._loss_metric, self._nll_metric, self._bits_metric]
 
     def train_step(self, data):
-        x, context = self._unpack(data)
-        variables = self.trainable_variables
         replica = tf.distribute.get_replica_context()
         replicas = replica.num_replicas_in_sync
-        if replicas == 1:
-            nll, gradients = self._nll_and_gradients(x, context, replicas)
-        else:
-            nll, gradients = self._replica_step(x, context, replicas)
-        pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
-        bad = tf.cast(tf.logical_not(all_finite([nll] + [g for g, _ in pairs])), tf.int32)
+        nll, finite, pairs = self._gradients(data, replicas)
         # A non-finite step is skipped whole: weights, optimizer variables and iterations stay.
         if replicas == 1:
-            tf.cond(bad == 0, lambda: self._apply(pairs), lambda: tf.constant(False))
+            tf.cond(finite, lambda: self._apply(pairs), lambda: tf.constant(False))
         else:
             # Every replica skips or applies together; the cond runs in cross-replica
             # context because the optimizer's update there calls `merge_call`.
-            bad = replica.all_reduce(tf.distribute.ReduceOp.SUM, bad)
+            bad = replica.all_reduce(tf.distribute.ReduceOp.SUM,
+                                     tf.cast(tf.logical_not(finite), tf.int32))
             replica.merge_call(self._apply_across_replicas, args=(bad, pairs))
         return self._record(nll)
+
+    def _runs_own_train_step(self) -> bool:
+        return type(self).train_step is FlowModel.train_step
+
+    def make_train_function(self, force: bool = False):
+        """Keras 3's train function; for a large model its step is `_split_step`, two XLA
+        programs (Keras' wrapper around the step then runs without XLA of its own)."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        if not self._splits_step():
+            return super().make_train_function(force)
+        jit_compile = self.jit_compile
+        self.jit_compile = False
+        try:
+            self.train_function = self._make_function(self._split_step())
+        finally:
+            self.jit_compile = jit_compile
+        return self.train_function
+
+    def _gradients(self, data, replicas: int = 1) -> tuple:
+        """`(nll, finite, pairs)`: the replica's batch NLL, the (gradient, variable) pairs
+        of NLL / replicas, and whether the NLL and every gradient entry are finite."""
+        x, context = self._unpack(data)
+        nll_and_gradients = self._nll_and_gradients if replicas == 1 else self._replica_step
+        nll, gradients = nll_and_gradients(x, context, replicas)
+        pairs = [(g, v) for g, v in zip(gradients, self.trainable_variables) if g is not None]
+        return nll, all_finite([nll] + [g for g, _ in pairs]), pairs
 
     def _nll_and_gradients(self, x, context, replicas):
         variables = self.trainable_variables
