@@ -112,9 +112,13 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run the workloads whose name contains this")
     parser.add_argument("--front", default="tf_keras", choices=sorted(FRONTS),
                         help="whose FlowModel.fit: tf_keras (tfp_flows.FlowModel) or Keras 3")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "fit_overhead.md"))
+    parser.add_argument("--out", default=None,
+                        help="the table's file (default benchmarks/results/fit_overhead.md, "
+                             "fit_overhead_keras3.md with --front keras3)")
     args = parser.parse_args()
+    if args.out is None:
+        suffix = "" if args.front == "tf_keras" else f"_{args.front}"
+        args.out = os.path.join(os.path.dirname(__file__), "results", f"fit_overhead{suffix}.md")
     rounds = 2 if args.quick else 4
     front = ("tfp_flows.FlowModel.fit (tf_keras)" if args.front == "tf_keras"
              else "tfp_flows.keras3.FlowModel.fit (Keras 3)")
