@@ -168,7 +168,7 @@ def test_a_non_finite_step_changes_nothing(front, jit_compile, split):
         m.fit(good_a, epochs=1, batch_size=16, shuffle=False, verbose=0)
     assert not np.isfinite(model.log_prob(bad).numpy()).all()
     before = _state(model)
-    with pytest.raises(FloatingPointError, match="not applied|NLL became"):
+    with pytest.raises(FloatingPointError, match="not applied"):
         model.fit(_batches(bad), epochs=1, verbose=0)
     after = _state(model)
     assert len(after) == len(before) and int(model.optimizer.iterations.numpy()) == 2
