@@ -175,7 +175,7 @@ class _Adam:
     def apply_if_finite(self, loss: tf.Tensor, gradients: Sequence[tf.Tensor]) -> tf.Tensor:
         """Take the step if it is valid; return its status (`_APPLIED` or the reason it was not)."""
         gradient = tf.concat([tf.reshape(g, [-1]) for g in gradients], axis=0)
-        finite_inputs = tf.logical_and(tf.math.is_finite(loss), tf.reduce_all(tf.math.is_finite(gradient)))
+        finite_inputs = all_finite([loss, gradient])
         learning_rate = self.rate(self.iterations)
         valid_rate = tf.logical_and(tf.math.is_finite(learning_rate), learning_rate >= 0.0)
         t = self.iterations + 1.0
